@@ -69,7 +69,9 @@ class TensorReader:
             try:
                 import torch
             except ImportError as e:
-                raise WeightsError(f"{f} is a PyTorch pickle; install torch to read it (or convert it to safetensors)") from e
+                raise WeightsError(
+                    f"{f} is a PyTorch pickle; install torch to read it (or convert it to safetensors)"
+                ) from e
             try:
                 # weights_only: never execute pickled code; mmap: do not read the whole file up front.
                 self._torch[f] = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
@@ -91,7 +93,7 @@ class TensorReader:
             except Exception as e:
                 raise WeightsError(f"cannot read tensor {key!r} from {f}: {e}") from e
         t = self._torch_state(f)[key]
-        return t.float().numpy() if t.dtype.is_floating_point and t.dtype != t.dtype.float else t.numpy()
+        return t.float().numpy() if t.dtype.is_floating_point else t.numpy()
 
 
 def checkpoint_files(folder: str | os.PathLike, stem: str = "diffusion_pytorch_model") -> list[Path]:
@@ -164,12 +166,29 @@ def to_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
 
 def abstract(build: Callable[[], nnx.Module]) -> nnx.Module:
     """Build a model on abstract shapes only (no parameter memory, no random init compute)."""
-    return nnx.eval_shape(build)
+    from jointnet_jax.models.layers import abstract_params
+
+    with abstract_params():
+        return build()
+
+
+class PrefixedReader:
+    """Several readers seen as one, keys prefixed ``"{prefix}.{key}"`` (the two branches of a JointNet)."""
+
+    def __init__(self, readers: dict[str, TensorReader]):
+        self.readers = readers
+
+    def keys(self) -> set[str]:
+        return {f"{p}.{k}" for p, r in self.readers.items() for k in r.keys()}
+
+    def get(self, key: str) -> np.ndarray:
+        prefix, rest = key.split(".", 1)
+        return self.readers[prefix].get(rest)
 
 
 def fill(
     model: nnx.Module,
-    tensors: Callable[[str], np.ndarray | None] | TensorReader,
+    tensors,
     *,
     source: str = "checkpoint",
     rename: Callable[[str], str] | None = None,
@@ -179,33 +198,30 @@ def fill(
 ) -> nnx.Module:
     """Return ``model`` (abstract or concrete) with every parameter taken from ``tensors``, strictly.
 
-    Every stored tensor must be consumed and every parameter filled with the right shape, else one
-    ``WeightsError`` names the offending keys. ``allow_missing(key)`` lets named parameters keep zeros
-    (e.g. freshly added exchange convs); ``rename`` maps stored names (legacy VAE attention names) first.
+    ``tensors`` is anything with ``keys()`` and ``get(key)`` returning PyTorch-layout arrays (a dict, a
+    ``TensorReader``). Every stored tensor must be consumed and every parameter filled with the right
+    shape, else one ``WeightsError`` names the offending keys. ``allow_missing(key)`` lets named parameters
+    start at zero (freshly added exchange convs); ``rename`` maps stored names (legacy VAE attention names)
+    first; ``sharding(path, shape)`` places each parameter as it is read (multi-device loading).
     """
-    reader = tensors if isinstance(tensors, TensorReader) else None
-    stored = {}
-    if reader is not None:
-        for k in reader.keys():
-            stored[rename(k) if rename else k] = k
+    stored = {(rename(k) if rename else k): k for k in tensors.keys()}
     graphdef, state = nnx.split(model)
-    flat = nnx.to_flat_state(state)
     missing, bad_shape, new_leaves = [], [], []
-    for path, var in flat:
+    for path, var in nnx.to_flat_state(state):
         key = torch_key(path)
+        leaf = str(path[-1])
         target = var.get_value()
         shape, dtype = tuple(target.shape), target.dtype
         if key in stored:
-            value = reader.get(stored.pop(key))
+            value = to_jax_layout(leaf, np.asarray(tensors.get(stored.pop(key))), shape)
         elif allow_missing is not None and allow_missing(key):
             value = np.zeros(shape, dtype)
         else:
             missing.append(key)
             continue
-        value = to_jax_layout(str(path[-1]), np.asarray(value), shape)
         if tuple(value.shape) != shape:
-            bad_shape.append(f"{key} (stored {tuple(to_torch_layout(str(path[-1]), value).shape)}, "
-                             f"model {tuple(to_torch_layout(str(path[-1]), np.empty(shape)).shape)})")
+            model_shape = to_torch_layout(leaf, np.empty(shape, np.int8)).shape
+            bad_shape.append(f"{key} (stored {tuple(to_torch_layout(leaf, value).shape)}, model {model_shape})")
             continue
         value = value.astype(dtype)
         shard = sharding(path, shape) if sharding is not None else None

@@ -27,7 +27,11 @@ class FeedForward(nnx.Module):
     def __init__(self, dim, *, mult=4, dtype=jnp.float32, rngs):
         inner = dim * mult
         self.net = nnx.List(
-            [GEGLU(dim, inner, dtype=dtype, rngs=rngs), nnx.Dropout(0.0), linear(inner, dim, dtype=dtype, rngs=rngs)]
+            [
+                GEGLU(dim, inner, dtype=dtype, rngs=rngs),
+                nnx.Dropout(0.0),
+                linear(inner, dim, dtype=dtype, rngs=rngs),
+            ]
         )
 
     def __call__(self, x):
@@ -81,7 +85,12 @@ class Transformer2DModel(nnx.Module):
             self.proj_in = conv(channels, channels, 1, dtype=dtype, rngs=rngs)
             self.proj_out = conv(channels, channels, 1, dtype=dtype, rngs=rngs)
         block = dict(
-            heads=heads, head_dim=channels // heads, context_dim=context_dim, upcast=upcast, dtype=dtype, rngs=rngs
+            heads=heads,
+            head_dim=channels // heads,
+            context_dim=context_dim,
+            upcast=upcast,
+            dtype=dtype,
+            rngs=rngs,
         )
         self.transformer_blocks = nnx.List([BasicTransformerBlock(channels, **block) for _ in range(num_layers)])
 

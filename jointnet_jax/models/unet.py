@@ -181,7 +181,9 @@ class UNet2DConditionModel(nnx.Module):
                 )
             )
         self.down_blocks = nnx.List(down)
-        self.mid_block = MidBlock(ch[-1], heads=c.heads[-1], transformer_layers=c.transformer_layers[-1], o=o, rngs=rngs)
+        self.mid_block = MidBlock(
+            ch[-1], heads=c.heads[-1], transformer_layers=c.transformer_layers[-1], o=o, rngs=rngs
+        )
         rch, rheads = ch[::-1], c.heads[::-1]
         rlayers, rtl = c.layers_per_block[::-1], c.transformer_layers[::-1]
         up = []

@@ -1,0 +1,1 @@
+"""Training data: the record format (``records``), a synthetic RGB-D world (``synthetic``) and TFDS glue."""

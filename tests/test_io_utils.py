@@ -1,0 +1,104 @@
+"""io_utils: bit-depth conventions, clear errors for bad files, atomic writes."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jointnet_jax import io_utils
+
+
+def test_rgb_8bit_round_trip(tmp_path):
+    rgb = np.random.default_rng(0).random((5, 7, 3)).astype(np.float32)
+    io_utils.write_png_rgb(tmp_path / "a.png", rgb)
+    back = io_utils.read_image(tmp_path / "a.png")
+    assert back.dtype == np.float32 and back.shape == (5, 7, 3)
+    np.testing.assert_array_equal(back, (np.round(rgb * 255) / 255).astype(np.float32))
+
+
+def test_depth_16bit_round_trip(tmp_path):
+    depth = np.random.default_rng(0).random((6, 4))
+    io_utils.write_png_depth16(tmp_path / "d.png", depth)
+    with Image.open(tmp_path / "d.png") as img:
+        assert img.mode.startswith("I")  # really 16-bit, not 8-bit
+    back = io_utils.read_depth(tmp_path / "d.png")
+    assert back.dtype == np.float32 and back.shape == (6, 4)
+    np.testing.assert_allclose(back, depth, atol=0.5 / 65535 + 1e-7)
+
+
+def test_16bit_value_not_saturated(tmp_path):
+    Image.fromarray(np.full((2, 3), 40000, np.uint16)).save(tmp_path / "d.png")
+    np.testing.assert_allclose(io_utils.read_depth(tmp_path / "d.png"), 40000 / 65535, rtol=1e-6)
+
+
+def test_8bit_and_colour_depth(tmp_path):
+    Image.fromarray(np.array([[0, 51, 255]], np.uint8)).save(tmp_path / "g.png")
+    np.testing.assert_allclose(io_utils.read_depth(tmp_path / "g.png"), [[0, 0.2, 1]], atol=1e-7)
+    rgb = np.zeros((1, 2, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1] = [102, 255], 7
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    np.testing.assert_allclose(io_utils.read_depth(tmp_path / "c.png"), [[0.4, 1.0]], atol=1e-7)
+
+
+def test_npy_depth(tmp_path):
+    np.save(tmp_path / "ok.npy", np.full((3, 4, 1), 0.25, np.float32))
+    assert io_utils.read_depth(tmp_path / "ok.npy").shape == (3, 4)
+    np.save(tmp_path / "high.npy", np.full((3, 4), 1.5))
+    with pytest.raises(ValueError, match=r"high\.npy.*\[0, 1\]"):
+        io_utils.read_depth(tmp_path / "high.npy")
+    np.save(tmp_path / "nan.npy", np.array([[0.5, np.nan]]))
+    with pytest.raises(ValueError, match="non-finite"):
+        io_utils.read_depth(tmp_path / "nan.npy")
+    (tmp_path / "empty.npy").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.npy"):
+        io_utils.read_depth(tmp_path / "empty.npy")
+
+
+def test_mask_binarised(tmp_path):
+    Image.fromarray(np.array([[0, 127, 128, 255]], np.uint8)).save(tmp_path / "m.png")
+    np.testing.assert_array_equal(io_utils.read_mask(tmp_path / "m.png"), [[0, 0, 1, 1]])
+
+
+def test_corrupt_and_missing_files(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png")
+    for reader in (io_utils.read_image, io_utils.read_depth, io_utils.read_mask):
+        with pytest.raises(ValueError, match="broken.png"):
+            reader(bad)
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        io_utils.read_image(tmp_path / "missing.png")
+
+
+def test_truncated_png_is_value_error(tmp_path):
+    io_utils.write_png_rgb(tmp_path / "full.png", np.random.default_rng(0).random((64, 64, 3)))
+    data = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cut.png"):
+        io_utils.read_image(tmp_path / "cut.png")
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    target = tmp_path / "out.png"
+    target.write_bytes(b"old")
+
+    def failing(tmp):
+        tmp.write_bytes(b"partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        io_utils.atomic_write(target, failing)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.png"]  # temp file cleaned up
+
+    io_utils.write_png_depth16(target, np.zeros((2, 2)))
+    assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
+    assert io_utils.read_depth(target).shape == (2, 2)
+
+
+def test_depth_color_preview(tmp_path):
+    io_utils.write_depth_color(tmp_path / "c.png", np.array([[0.0, 1.0]]))
+    rgb = io_utils.read_image(tmp_path / "c.png")
+    assert rgb.shape == (1, 2, 3)
+    far, near = rgb[0, 0], rgb[0, 1]
+    assert far[2] > far[0] and near[0] > near[2]  # far blue-ish, near (bright inverse depth) red-ish
+    with pytest.raises(ValueError, match="non-finite"):
+        io_utils.write_depth_color(tmp_path / "n.png", np.array([[np.nan]]))
