@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from jointnet_jax.io_utils import atomic_write
 
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
@@ -251,24 +252,12 @@ def state_tensors(model: nnx.Module) -> Iterator[tuple[str, np.ndarray]]:
         yield torch_key(path), to_torch_layout(str(path[-1]), np.asarray(jax.device_get(var.get_value())))
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp)`` on a temporary file next to ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_folder(model: nnx.Module, folder, config: dict, *, stem="diffusion_pytorch_model") -> None:
     """Write ``config.json`` + ``{stem}.safetensors`` (PyTorch keys and layouts), each atomically."""
     from safetensors.numpy import save_file
 
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: np.ascontiguousarray(v) for k, v in state_tensors(model)}
     atomic_write(folder / f"{stem}.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"

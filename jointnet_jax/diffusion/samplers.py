@@ -57,7 +57,8 @@ class Sampler:
     """Static sampler description: per-step float32 tables plus the step rule selected by ``kind``.
 
     Tables have one row per step actually run (row ``num_steps`` exists where a "next" value is needed).
-    Hashable by identity, so it can be closed over or passed as a static argument to ``jax.jit``.
+    Hashed and compared by value, so equal samplers built anywhere share one compiled loop when passed
+    as a static argument to ``jax.jit``.
     """
 
     kind: str
@@ -68,6 +69,17 @@ class Sampler:
     eta: float = 0.0
     clip_sample_range: float | None = None
     order: int = 1  # diffusers' ``scheduler.order`` (all schedulers here are single-evaluation)
+
+    def _key(self):
+        tables = tuple((k, v.dtype.str, v.tobytes()) for k, v in sorted(self.tables.items()))
+        scalars = (self.kind, self.prediction_type, self.init_noise_sigma, self.eta, self.clip_sample_range, self.order)
+        return (*scalars, self.timesteps.dtype.str, self.timesteps.tobytes(), tables)
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __eq__(self, other):
+        return isinstance(other, Sampler) and self._key() == other._key()
 
     @property
     def num_steps(self) -> int:
@@ -222,8 +234,9 @@ def _ddim_tables(schedule: NoiseSchedule, ts: np.ndarray, num_steps: int, eta: f
     a_prev = np.where(prev_t >= 0, ac[np.maximum(prev_t, 0)], schedule.final_alpha_cumprod)
     variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
     std_dev = eta * np.sqrt(variance)
-    # Noise level entering step i: alpha_bar at ts[i], and after the last step the prev alpha of that step.
-    a_in = _append(a_t, a_prev[-1])
+    # Noise level entering step i: alpha_bar at ts[i]; after the last step the clean sample (alpha_bar 1), as
+    # the official inpainting pipelines paste x0 itself after the final step (not x0 at final_alpha_cumprod).
+    a_in = _append(a_t, 1.0)
     tables = {
         "alpha": np.sqrt(a_t),
         "sigma": np.sqrt(1 - a_t),

@@ -1,0 +1,315 @@
+"""``Pipeline``: JointNet + VAE + text encoder + schedule, with one method per task.
+
+Encoding and decoding follow the official code (spec §3): depth is normalised inverse depth in [0, 1]
+(near = bright), fed as a gray image replicated to 3 channels through the RGB VAE; inputs are encoded with
+a posterior *sample* scaled by the VAE's scaling factor; each 4-channel half is decoded separately and the
+dense half keeps channel 0 (depth) or all 3 (normals). All denoising goes through ``loop.denoise``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jointnet_jax.diffusion.samplers import make_sampler
+from jointnet_jax.diffusion.schedule import NoiseSchedule, load_schedule
+from jointnet_jax.models.clip_text import load_text_encoder, load_tokenizer
+from jointnet_jax.models.functional import compiled
+from jointnet_jax.models.jointnet import JointNet
+from jointnet_jax.models.vae import load_vae
+from jointnet_jax.pipelines import loop
+from jointnet_jax.pipelines.tasks import latent_mask, task_masks
+from jointnet_jax.pretrained import load_jointnet
+
+SCHEDULERS = {"ddim": "ddim", "dpmpp2m": "dpmpp_2m", "euler": "euler", "euler_a": "euler_ancestral"}
+
+
+@dataclass
+class SampleSettings:
+    """Everything that shapes one sampling run (written next to every output)."""
+
+    steps: int = 50
+    cfg: float = 7.5
+    guidance_rescale: float = 0.0
+    scheduler: str = "ddim"
+    eta: float = 0.0
+    height: int | None = None
+    width: int | None = None
+    num_samples: int = 1
+    seed: int = 0
+    strength: float = 1.0
+    negative_prompt: str = ""
+    masked_conditioning: bool | None = None  # None: use it when the model has the layer
+
+
+class Pipeline:
+    def __init__(
+        self, jointnet: JointNet, vae, text_encoder, tokenizer, schedule: NoiseSchedule, *, modality: str = "depth"
+    ):
+        if modality not in ("depth", "normal"):
+            raise ValueError(f"modality must be 'depth' or 'normal', not {modality!r}")
+        self.jointnet, self.vae, self.text_encoder, self.tokenizer = jointnet, vae, text_encoder, tokenizer
+        self.schedule, self.modality = schedule, modality
+        self._graphdef, self._state = nnx.split(jointnet)
+        self._encode = compiled(vae, "encode")
+        self._decode = compiled(vae, "decode")
+        self._text = compiled(text_encoder)
+
+    @classmethod
+    def from_pretrained(cls, base, model, *, dtype=jnp.float32, modality="depth") -> Pipeline:
+        """``base``: an SD2.1-base-style diffusers folder (vae/ text_encoder/ tokenizer/ scheduler/);
+        ``model``: an official-layout JointNet folder (unet/ + jointnet/) or a loaded ``JointNet``."""
+        base = Path(base)
+        jn = model if isinstance(model, JointNet) else load_jointnet(model, dtype=dtype)
+        return cls(
+            jn,
+            load_vae(base / "vae", dtype=dtype),
+            load_text_encoder(base / "text_encoder", dtype=dtype),
+            load_tokenizer(base / "tokenizer"),
+            load_schedule(base / "scheduler"),
+            modality=modality,
+        )
+
+    # -------------------------------------------------------------------------------------------------
+    # Geometry, text, VAE
+
+    @property
+    def vae_factor(self) -> int:
+        return self.vae.scale_factor
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of the VAE factor times the UNet's total downsampling."""
+        return self.vae_factor * 2 ** (len(self.jointnet.unet.config.block_out_channels) - 1)
+
+    def default_size(self) -> int:
+        return (self.jointnet.unet.config.sample_size or 64) * self.vae_factor
+
+    def _check_size(self, height, width):
+        m = self.size_multiple
+        if height % m or width % m or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of {m}; got {height}x{width}")
+
+    def encode_text(self, prompts: list[str]) -> jax.Array:
+        """Embeddings (P, L, D); each distinct prompt is encoded once."""
+        unique = list(dict.fromkeys(prompts))
+        ids = self.tokenizer(
+            unique,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="np",
+        ).input_ids
+        emb = self._text(jnp.asarray(ids, jnp.int32))
+        return emb[jnp.asarray([unique.index(p) for p in prompts])]
+
+    def encode_images(self, images, key) -> jax.Array:
+        """Images (B, H, W, 3) in [0, 1] -> scaled latents from a posterior sample (official)."""
+        posterior = self._encode(jnp.asarray(images) * 2 - 1)
+        return posterior.sample(key) * self.vae.scaling_factor
+
+    def decode_latents(self, latents) -> np.ndarray:
+        """Scaled latents (B, h, w, 4) -> images (B, H, W, 3) in [0, 1]."""
+        return np.asarray(jnp.clip(self._decode(latents / self.vae.scaling_factor) / 2 + 0.5, 0, 1), np.float32)
+
+    def dense_to_image(self, dense) -> np.ndarray:
+        """Depth (B, H, W) -> gray 3-channel image; normals (B, H, W, 3) pass through."""
+        dense = np.asarray(dense, np.float32)
+        return np.repeat(dense[..., None], 3, -1) if self.modality == "depth" else dense
+
+    # -------------------------------------------------------------------------------------------------
+    # Tasks (all go through ``run``)
+
+    def generate(self, prompts, **kw):
+        """Text -> RGB + depth (or normals), from noise."""
+        return self.run("generate", prompts, **kw)
+
+    def depth(self, prompts, image, **kw):
+        """Image -> depth: RGB known, dense generated (official rgb2j preset)."""
+        return self.run("depth", prompts, image=image, **kw)
+
+    def image(self, prompts, depth, **kw):
+        """Depth -> image: dense known, RGB generated (official j2rgb preset)."""
+        return self.run("image", prompts, depth=depth, **kw)
+
+    def inpaint(self, prompts, image, depth, mask, depth_mask, **kw):
+        """RGBD editing: masks are 1 where to repaint, separately for RGB and dense."""
+        return self.run("inpaint", prompts, image=image, depth=depth, mask=mask, depth_mask=depth_mask, **kw)
+
+    def sampler(self, kind, steps, strength=1.0, eta=0.0):
+        """Samplers compare by value, so the compiled loop is shared by equal settings."""
+        if kind not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {kind!r}; expected one of {', '.join(SCHEDULERS)}")
+        return make_sampler(SCHEDULERS[kind], self.schedule, steps, strength=strength, eta=eta)
+
+    def run(
+        self,
+        task,
+        prompts,
+        *,
+        image=None,
+        depth=None,
+        mask=None,
+        depth_mask=None,
+        init_noise=None,
+        progress=None,
+        settings: SampleSettings | None = None,
+        **overrides,
+    ):
+        """Sample ``num_samples`` per prompt. Returns a dict of float32 numpy arrays: ``rgb`` (B, H, W, 3),
+        ``depth`` (B, H, W) or ``normal`` (B, H, W, 3), and the final ``latents`` (B, h, w, 8)."""
+        s = settings or SampleSettings()
+        s = SampleSettings(**{**s.__dict__, **overrides})
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        batch_prompts = [p for p in prompts for _ in range(s.num_samples)]
+        b = len(batch_prompts)
+        height, width = self._resolve_size(s, image, depth)
+        self._check_size(height, width)
+        if not 0.0 < s.strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {s.strength}")
+        if task == "generate" and s.strength != 1.0:
+            raise ValueError("strength < 1 needs an input image or depth (SDEdit); generate starts from noise")
+        m_rgb, m_dense = task_masks(task, b, height, width, mask, depth_mask)
+        masked = self.jointnet.masked_input if s.masked_conditioning is None else s.masked_conditioning
+        if masked and not self.jointnet.masked_input:
+            raise ValueError(
+                "masked-latent conditioning was requested but this model has no "
+                "jointnet_masked_latent_conv (use an inpainting checkpoint such as rgbd_inpaint)"
+            )
+
+        key_noise, key_vae, key_loop = jax.random.split(jax.random.key(s.seed), 3)
+        f = self.vae_factor
+        h, w = height // f, width // f
+        noise = self._initial_noise(init_noise, key_noise, (b, h, w, 8))
+        sampler = self.sampler(s.scheduler, s.steps, float(s.strength), float(s.eta))
+
+        known = None
+        if task != "generate":
+            rgb_in = (
+                _fit_batch(image, b, (height, width, 3), "image")
+                if image is not None
+                else np.zeros((b, height, width, 3), np.float32)
+            )
+            dense_in = (
+                self.dense_to_image(
+                    _fit_batch(depth, b, (height, width) + ((3,) if self.modality == "normal" else ()), self.modality)
+                )
+                if depth is not None
+                else np.zeros((b, height, width, 3), np.float32)
+            )
+            if task in ("depth", "inpaint") and image is None:
+                raise ValueError(f"task {task!r} needs an input image")
+            if task in ("image", "inpaint") and depth is None:
+                raise ValueError(f"task {task!r} needs an input {self.modality} map")
+            latents = self.encode_images(np.concatenate([rgb_in, dense_in]), key_vae)
+            known = jnp.concatenate([latents[:b], latents[b:]], axis=-1)
+        lm_rgb = jnp.asarray(latent_mask(m_rgb, f))[..., None]
+        lm_dense = jnp.asarray(latent_mask(m_dense, f))[..., None]
+        generate = jnp.concatenate([jnp.repeat(lm_rgb, 4, -1), jnp.repeat(lm_dense, 4, -1)], axis=-1)
+        cond_rgb = cond_dense = None
+        if masked:
+            zeros = jnp.zeros((b, h, w, 4))
+            kr = known[..., :4] if known is not None else zeros
+            kd = known[..., 4:] if known is not None else zeros
+            cond_rgb = jnp.concatenate([lm_rgb, (lm_rgb < 0.5) * kr], axis=-1)
+            cond_dense = jnp.concatenate([lm_dense, (lm_dense < 0.5) * kd], axis=-1)
+        x = noise * sampler.init_noise_sigma if s.strength == 1.0 else sampler.add_noise_at(known, noise, 0)
+
+        guided = s.cfg > 1.0
+        text = self.encode_text(batch_prompts)
+        if guided:
+            text = jnp.concatenate([self.encode_text([s.negative_prompt] * b), text])
+        inputs = loop.LoopInputs(
+            x=x,
+            noise=noise,
+            known=known,
+            generate=generate if known is not None else None,
+            cond_rgb=cond_rgb,
+            cond_dense=cond_dense,
+            text=text,
+        )
+        inputs = self._shard(inputs, b)
+        with _progress_bar(progress, sampler.num_steps, task):
+            latents = loop.denoise(
+                self._graphdef,
+                self._state,
+                sampler,
+                inputs,
+                jnp.float32(s.cfg),
+                jnp.float32(s.guidance_rescale),
+                key_loop,
+                guided=guided,
+                progress=progress is not False,
+            )
+        decoded = self.decode_latents(jnp.concatenate([latents[..., :4], latents[..., 4:]]))
+        out = {"rgb": decoded[:b], "latents": np.asarray(latents)}
+        dense = decoded[b:]
+        if self.modality == "depth":
+            out["depth"] = dense[..., 0]
+        else:
+            out["normal"] = dense
+        return out
+
+    # -------------------------------------------------------------------------------------------------
+
+    def _resolve_size(self, s, image, depth):
+        """Explicit size, else the input's size, else the model's native size."""
+        if image is not None:
+            hw = np.shape(image)[-3:-1]
+        elif depth is not None:
+            hw = np.shape(depth)[-3:-1] if self.modality == "normal" else np.shape(depth)[-2:]
+        else:
+            hw = (self.default_size(),) * 2
+        return int(s.height or hw[0]), int(s.width or hw[1])
+
+    def _initial_noise(self, init_noise, key, shape):
+        if init_noise is None:
+            return jax.random.normal(key, shape, jnp.float32)
+        init_noise = np.asarray(init_noise, np.float32)
+        if init_noise.shape != shape:
+            raise ValueError(f"initial noise has shape {init_noise.shape}; this run needs {shape} (B, h, w, 8)")
+        if not np.isfinite(init_noise).all():
+            raise ValueError("initial noise contains NaN or inf")
+        return jnp.asarray(init_noise)
+
+    def _shard(self, inputs, batch):
+        """Data-parallel over local devices when there are several and the batch divides evenly."""
+        devices = jax.local_devices()
+        if len(devices) == 1 or batch % len(devices):
+            return inputs
+        sharding = NamedSharding(Mesh(np.array(devices), ("data",)), PartitionSpec("data"))
+        return jax.tree.map(lambda a: jax.device_put(a, sharding), inputs)
+
+
+def _fit_batch(array, batch, shape, name):
+    """One input (shape) or a batch (B, *shape) -> (B, *shape) float32, with a clear size error."""
+    a = np.asarray(array, np.float32)
+    if a.shape == shape:
+        a = a[None]
+    if a.shape[1:] != shape or a.shape[0] not in (1, batch):
+        raise ValueError(f"{name} input has shape {a.shape[-len(shape) :]} but this run needs {shape}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} input contains NaN or inf")
+    return np.broadcast_to(a, (batch, *shape))
+
+
+@contextlib.contextmanager
+def _progress_bar(progress, total, desc):
+    if progress is False:
+        yield
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc=desc, unit="step", leave=False) as bar:
+        loop._PROGRESS["bar"] = bar
+        try:
+            yield
+        finally:
+            loop._PROGRESS["bar"] = None

@@ -1,0 +1,203 @@
+"""Sampling pipelines: peer check against diffusers, the official step, tasks, reproducibility, compile counts."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+import jointnet_jax as jj
+from jointnet_jax import sample
+from jointnet_jax.diffusion.schedule import load_schedule
+from jointnet_jax.models.jointnet import JointNet
+from jointnet_jax.pipelines import loop
+from tests.conftest import nhwc
+from tests.tiny_sd import make_tiny_base
+
+SIZE = 32  # pixels; latent 16x16 with the tiny VAE (factor 2)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_tiny_base(tmp_path_factory.mktemp("tiny_base"))
+
+
+@pytest.fixture(scope="module")
+def twin_from_base(base):
+    """A JointNet built from the base UNet: exchange layers zero, so its RGB branch is the base model."""
+    return jj.JointNet.from_unet(jj.load_unet(base / "unet"))
+
+
+@pytest.fixture(scope="module")
+def pipe(base, twin_from_base):
+    return jj.Pipeline.from_pretrained(base, twin_from_base)
+
+
+@pytest.fixture(scope="module")
+def fixture_pipe(base, official):
+    """The official tiny generation model on the tiny base (same text width)."""
+    return jj.Pipeline.from_pretrained(base, official / "rgbd_finetune")
+
+
+def _diffusers_pipeline(base, scheduler):
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    cls = {"ddim": DDIMScheduler, "dpmpp2m": DPMSolverMultistepScheduler}[scheduler]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return StableDiffusionPipeline(
+            vae=AutoencoderKL.from_pretrained(base / "vae"),
+            text_encoder=CLIPTextModel.from_pretrained(base / "text_encoder"),
+            tokenizer=CLIPTokenizer.from_pretrained(base / "tokenizer"),
+            unet=UNet2DConditionModel.from_pretrained(base / "unet"),
+            scheduler=cls.from_pretrained(base / "scheduler"),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp2m"])
+def test_generate_rgb_matches_diffusers_stable_diffusion(base, pipe, scheduler):
+    """Peer check: with zero exchange layers the RGB branch is exactly SD, so the RGB output must equal
+    diffusers' own StableDiffusionPipeline for the same initial latents, prompt and CFG 7.5."""
+    noise = np.random.default_rng(0).standard_normal((1, SIZE // 2, SIZE // 2, 8), dtype=np.float32)
+    ours = pipe.generate("a cat", steps=4, cfg=7.5, scheduler=scheduler, height=SIZE, width=SIZE, init_noise=noise)
+    ref = _diffusers_pipeline(base, scheduler)(
+        "a cat",
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=4,
+        guidance_scale=7.5,
+        latents=torch.from_numpy(noise[..., :4].transpose(0, 3, 1, 2).copy()),
+        output_type="np",
+    ).images
+    assert ref.shape == ours["rgb"].shape
+    np.testing.assert_allclose(ours["rgb"], ref, atol=1e-3, rtol=0)
+
+
+def test_one_denoising_step_matches_official(base, official, fixture_pipe):
+    """The loop's step on the official fixture: the two-branch eps equals the official ``denoiseV2`` and the
+    update is the DDIM rule of the spec (x0 = (x - sqrt(1-a_t) eps)/sqrt(a_t), x' = sqrt(a') x0 + sqrt(1-a') eps)."""
+    io = load_file(official / "io_gen.safetensors")
+    sampler = fixture_pipe.sampler("ddim", 2)
+    assert list(sampler.timesteps) == [501, 1] and int(io["scalar_t.timesteps"]) == 501
+    x = np.concatenate([nhwc(io["scalar_t.rgb_latent"]), nhwc(io["scalar_t.depth_latent"])], axis=-1)
+    text = jnp.asarray(io["scalar_t.encoder_hidden_states"])
+    inputs = loop.LoopInputs(x=x, noise=x, known=None, generate=None, cond_rgb=None, cond_dense=None, text=text)
+
+    @jax.jit
+    def step(model, x):
+        eps = loop.guided_eps(model, x, sampler.timestep_at(0), text, None, None, 1.0, 0.0, False)
+        x_prev, _ = loop.loop_step(model, sampler, inputs, 1.0, 0.0, jax.random.key(0), False, 0, (x, ()))
+        return eps, x_prev
+
+    eps, x_prev = step(fixture_pipe.jointnet, jnp.asarray(x))
+    np.testing.assert_allclose(eps, nhwc(io["scalar_t.noise_pred"]), atol=1e-4, rtol=0)
+    acp = load_schedule(base / "scheduler").alphas_cumprod.astype(np.float64)
+    a_t, a_prev = acp[501], acp[1]
+    e = nhwc(io["scalar_t.noise_pred"]).astype(np.float64)
+    x0 = (x - np.sqrt(1 - a_t) * e) / np.sqrt(a_t)
+    np.testing.assert_allclose(x_prev, np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * e, atol=1e-4, rtol=0)
+
+
+def test_depth_task_keeps_the_known_image_latents(pipe):
+    image = np.random.default_rng(1).uniform(size=(SIZE, SIZE, 3)).astype(np.float32)
+    out = pipe.depth(["a cat", "a dog"], image, steps=3, seed=3)
+    assert out["rgb"].shape == (2, SIZE, SIZE, 3) and out["depth"].shape == (2, SIZE, SIZE)
+    key_vae = jax.random.split(jax.random.key(3), 3)[1]
+    known = pipe.encode_images(np.stack([image, image, 0 * image, 0 * image]), key_vae)[:2]
+    np.testing.assert_array_equal(out["latents"][..., :4], np.asarray(known))
+    assert not np.allclose(out["latents"][..., 4:], 0)
+
+
+def test_inpaint_with_masked_conditioning(base, official):
+    """The official inpainting model: masked-latent conditioning on, unmasked regions pasted back."""
+    p = jj.Pipeline.from_pretrained(base, official / "rgbd_inpaint")
+    rng = np.random.default_rng(2)
+    image, depth = rng.uniform(size=(SIZE, SIZE, 3)), rng.uniform(size=(SIZE, SIZE))
+    mask = np.zeros((SIZE, SIZE), np.float32)
+    mask[:, SIZE // 2 :] = 1
+    out = p.inpaint("a cat", image, depth, mask, 1 - mask, steps=2, seed=0, strength=0.9)
+    key_vae = jax.random.split(jax.random.key(0), 3)[1]
+    lat = np.asarray(p.encode_images(np.stack([image, np.repeat(depth[..., None], 3, -1)]), key_vae))
+    half = SIZE // 4  # latent columns
+    np.testing.assert_array_equal(out["latents"][0, :, :half, :4], lat[0, :, :half])  # RGB kept on the left
+    np.testing.assert_array_equal(out["latents"][0, :, half:, 4:], lat[1, :, half:])  # depth kept on the right
+
+
+def test_bad_inputs_give_clear_errors(pipe):
+    image = np.zeros((SIZE, SIZE, 3), np.float32)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        pipe.generate("a cat", steps=1, height=24, width=SIZE)
+    with pytest.raises(ValueError, match=r"image input has shape \(16, 16, 3\)"):
+        pipe.depth("a cat", image[:16, :16], steps=1, height=SIZE, width=SIZE)
+    with pytest.raises(ValueError, match=r"RGB mask has shape \(8, 8\)"):
+        pipe.inpaint("a cat", image, image[..., 0], np.zeros((8, 8)), np.zeros((SIZE, SIZE)), steps=1)
+    with pytest.raises(ValueError, match="no jointnet_masked_latent_conv"):
+        pipe.depth("a cat", image, steps=1, masked_conditioning=True)
+    with pytest.raises(ValueError, match="initial noise has shape"):
+        pipe.generate("a cat", steps=1, height=SIZE, width=SIZE, init_noise=np.zeros((1, 4, 4, 8)))
+    with pytest.raises(ValueError, match="NaN"):
+        pipe.depth("a cat", image * np.nan, steps=1)
+
+
+def test_loop_traces_the_model_once_whatever_the_step_count(pipe, monkeypatch):
+    calls = []
+    original = JointNet.__call__
+
+    def counting(self, *a, **k):
+        calls.append(1)
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(JointNet, "__call__", counting)
+    loop.denoise.clear_cache()
+    kw = dict(height=SIZE, width=SIZE, cfg=2.0, progress=False)
+    pipe.generate("a dog", steps=2, **kw)
+    assert len(calls) == 1
+    pipe.generate("a dog", steps=2, seed=5, **kw)  # same task, shape and steps: no new trace
+    assert len(calls) == 1
+    pipe.generate("a dog", steps=7, **kw)  # a new step count compiles once more, still one model trace
+    assert len(calls) == 2
+
+
+def test_cli_writes_outputs_and_is_reproducible(base, official, tmp_path):
+    args = ["generate", "--base", str(base), "--model", str(official / "rgbd_finetune"), "--prompt", "a cat"]
+    args += ["--prompt", "a dog", "--steps", "2", "--height", str(SIZE), "--width", str(SIZE)]
+    assert sample.main([*args, "--seed", "7", "--out", str(tmp_path / "a")]) == 0
+    assert sample.main([*args, "--seed", "7", "--out", str(tmp_path / "b")]) == 0
+    assert sample.main([*args, "--seed", "8", "--out", str(tmp_path / "c")]) == 0
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    expected = [
+        f"{i:04d}{s}" for i in range(2) for s in (".json", ".npz", "_depth.png", "_depth_color.png", "_rgb.png")
+    ]
+    assert names == sorted(expected)
+    for name in names:
+        if name.endswith(".json"):
+            continue  # records absolute output-independent settings; compared below
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert (tmp_path / "a" / "0000_rgb.png").read_bytes() != (tmp_path / "c" / "0000_rgb.png").read_bytes()
+    meta = json.loads((tmp_path / "a" / "0001.json").read_text())
+    assert meta["prompt"] == "a dog" and meta["settings"]["seed"] == 7 and meta["settings"]["steps"] == 2
+    arrays = np.load(tmp_path / "a" / "0000.npz")
+    assert arrays["rgb"].shape == (SIZE, SIZE, 3) and arrays["depth"].shape == (SIZE, SIZE)
+    assert arrays["depth"].dtype == np.float32 and 0 <= arrays["depth"].min() <= arrays["depth"].max() <= 1
+
+
+def test_cli_reports_bad_input(base, official, tmp_path, capsys):
+    args = ["depth", "--base", str(base), "--model", str(official / "rgbd_finetune"), "--prompt", "x"]
+    assert sample.main([*args, "--image", str(tmp_path / "missing.png"), "--out", str(tmp_path)]) == 1
+    assert "missing.png" in capsys.readouterr().err
