@@ -8,64 +8,7 @@ from pathlib import Path
 
 import torch
 
-TEXT_DIM = 32  # = the official fixture's cross_attention_dim, so the fixture JointNet runs on this base
-
-UNET = dict(
-    sample_size=8,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    block_out_channels=(8, 16, 16, 16),
-    layers_per_block=2,
-    attention_head_dim=(2, 4, 4, 4),
-    cross_attention_dim=TEXT_DIM,
-    norm_num_groups=4,
-    use_linear_projection=True,
-)
-VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2,
-    block_out_channels=(8, 16),
-    layers_per_block=1,
-    latent_channels=4,
-    norm_num_groups=4,
-    sample_size=16,
-    scaling_factor=0.18215,
-)
-SCHEDULER = dict(  # stabilityai/stable-diffusion-2-1-base scheduler_config.json
-    _class_name="DDIMScheduler",
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    beta_start=0.00085,
-    clip_sample=False,
-    num_train_timesteps=1000,
-    prediction_type="epsilon",
-    set_alpha_to_one=False,
-    skip_prk_steps=True,
-    steps_offset=1,
-    trained_betas=None,
-)
-
-
-def write_tokenizer(folder: Path):
-    """A tiny CLIP BPE vocabulary: letters, end-of-word letters, a few merges, and the special tokens."""
-    from transformers import CLIPTokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    letters = list("abcdefghijklmnopqrstuvwxyz")
-    merges = ["c a", "ca t</w>", "d o", "do g</w>"]
-    tokens = ["<|startoftext|>", "<|endoftext|>"] + letters + [f"{c}</w>" for c in letters]
-    tokens += [m.replace(" ", "") for m in merges]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tok = CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77
-    )
-    tok.save_pretrained(folder)
-    return tok
+from jointnet_jax.tiny_base import SCHEDULER, TEXT_DIM, UNET, VAE, write_tokenizer
 
 
 def _randomise_norms(model, gen):
@@ -99,10 +42,10 @@ def make_tiny_base(folder: Path, seed: int = 0) -> Path:
         )
     ).eval()
     text.save_pretrained(folder / "text_encoder", safe_serialization=True)
-    vae = AutoencoderKL(**VAE).eval()
+    vae = AutoencoderKL(**{k: v for k, v in VAE.items() if not k.startswith("_")}).eval()
     _randomise_norms(vae, gen)
     vae.save_pretrained(folder / "vae", safe_serialization=True)
-    unet = UNet2DConditionModel(**UNET).eval()
+    unet = UNet2DConditionModel(**{k: v for k, v in UNET.items() if not k.startswith("_")}).eval()
     _randomise_norms(unet, gen)
     unet.save_pretrained(folder / "unet", safe_serialization=True)
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)

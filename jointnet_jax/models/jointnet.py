@@ -146,6 +146,10 @@ class JointNet(nnx.Module):
         eps_rgb, eps_dense, _, _ = self.forward_with_residuals(x_rgb, x_dense, t, text, cond_rgb, cond_dense)
         return eps_rgb, eps_dense
 
+    def set_remat(self, enabled: bool = True):
+        self.unet.set_remat(enabled)
+        self.jointnet.set_remat(enabled)
+
     def add_masked_latent_conv(self):
         """Give both branches a zero-initialised masked-latent conv (for the stage-3 inpainting fine-tune)."""
         self.unet.add_masked_latent_conv()

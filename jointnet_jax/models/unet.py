@@ -150,6 +150,7 @@ class UNet2DConditionModel(nnx.Module):
         c = config
         self.config = c
         self.dtype = dtype
+        self.remat = False
         ch = c.block_out_channels
         temb = ch[0] * 4
         o = BlockOptions(
@@ -205,6 +206,16 @@ class UNet2DConditionModel(nnx.Module):
         self.conv_norm_out = group_norm(ch[0], c.norm_num_groups, c.norm_eps, dtype=dtype, rngs=rngs)
         self.conv_out = conv(ch[0], c.out_channels, c.conv_out_kernel, dtype=dtype, rngs=rngs)
 
+    def set_remat(self, enabled: bool = True):
+        """Rematerialise each down/mid/up block in the backward pass (less memory, ~1/3 more compute)."""
+        self.remat = enabled
+
+    def _block(self, block, *args, **static):
+        """Call a block, rematerialised when enabled (``static`` keyword args are not traced)."""
+        if self.remat:
+            return nnx.remat(lambda b, *a: b(*a, **static))(block, *args)
+        return block(*args, **static)
+
     def time_embed(self, t, batch):
         t = jnp.broadcast_to(jnp.asarray(t), (batch,))
         c = self.config
@@ -230,9 +241,9 @@ class UNet2DConditionModel(nnx.Module):
             h = h + h0_extra
         skips = [h]
         for block in self.down_blocks:
-            h, s = block(h, temb, context)
+            h, s = self._block(block, h, temb, context)
             skips += s
-        return skips, self.mid_block(h, temb, context), temb
+        return skips, self._block(self.mid_block, h, temb, context), temb
 
     def forward_up(self, skips, mid, temb, context, down_residuals=None, mid_residual=None):
         """Up blocks and the output head; optional ControlNet-style residuals added to skips and mid."""
@@ -243,7 +254,8 @@ class UNet2DConditionModel(nnx.Module):
         for block in self.up_blocks:
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]
-            h = block(h, block_skips, temb, context, skips[-1].shape[1:3] if skips else None)
+            size = skips[-1].shape[1:3] if skips else None
+            h = self._block(block, h, block_skips, temb, context, upsample_size=size)
         h = jax.nn.silu(self.conv_norm_out(h))
         return self.conv_out(h)
 

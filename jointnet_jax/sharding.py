@@ -1,0 +1,78 @@
+"""Device mesh, FSDP parameter shardings, batch shardings and multi-host initialisation.
+
+The mesh has two axes: ``data`` (pure data parallelism) and ``fsdp`` (data parallelism whose replicas also
+split the parameters and optimizer state, ZeRO-3 style). Batches are split over both axes; every
+parameter larger than ``min_fsdp_size`` elements is split over ``fsdp`` along its largest divisible
+dimension. XLA inserts the all-gathers and reduce-scatters (GSPMD), so the model code stays unsharded.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp")
+
+
+def initialize_distributed(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
+    """Join the multi-host job: explicit coordinator flags, else JAX's auto-detection (TPU pods, SLURM,
+    Open MPI); a single process needs nothing."""
+    if coordinator:
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    elif any(k in os.environ for k in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")):
+        jax.distributed.initialize()
+    logging.info(
+        "process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
+
+
+def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
+    """A (data, fsdp) mesh over all global devices; -1 on one axis means "the rest"."""
+    n = jax.device_count()
+    if data == -1 and fsdp == -1:
+        raise ValueError("mesh: at most one of mesh.data and mesh.fsdp may be -1")
+    if data == -1:
+        data = n // fsdp
+    if fsdp == -1:
+        fsdp = n // data
+    if data * fsdp != n:
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} does not match the {n} available devices")
+    devices = np.asarray(jax.devices()).reshape(data, fsdp)
+    return Mesh(devices, MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def fsdp_spec(shape, fsdp_size: int, min_fsdp_size: int = 2**14) -> PartitionSpec:
+    """Split the largest dimension divisible by the fsdp axis; replicate small or indivisible arrays."""
+    if fsdp_size == 1 or int(np.prod(shape, dtype=np.int64)) < min_fsdp_size:
+        return PartitionSpec()
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % fsdp_size == 0:
+            spec = [None] * len(shape)
+            spec[dim] = "fsdp"
+            return PartitionSpec(*spec)
+    return PartitionSpec()
+
+
+def tree_shardings(tree, mesh: Mesh, min_fsdp_size: int = 2**14):
+    """FSDP ``NamedSharding`` for every array leaf of a pytree (parameters, optimizer moments, ...)."""
+    size = mesh.shape["fsdp"]
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), size, min_fsdp_size)), tree)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension split over both mesh axes."""
+    return NamedSharding(mesh, PartitionSpec(MESH_AXES))

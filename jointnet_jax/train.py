@@ -1,0 +1,43 @@
+"""``python -m jointnet_jax.train --config configs/sd21_depth.py[:tiny] --workdir DIR [--config.key=value]``
+
+Runs (or resumes, from ``DIR/checkpoints``) a JointNet training stage and exports the result in the
+official layout to ``DIR/export``. Multi-host: one process per host; TPU pods and SLURM are detected
+automatically, otherwise pass ``--coordinator host:port --num_processes N --process_id i``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jointnet_jax import sharding
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file (`file.py:arg` for variants).")
+flags.DEFINE_string("workdir", None, "Checkpoints, logs, samples and the export go here.")
+flags.DEFINE_string("coordinator", None, "host:port of process 0, for explicit multi-process runs.")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    sharding.initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+    from jointnet_jax.training.trainer import Trainer
+
+    try:
+        trainer = Trainer(FLAGS.config, FLAGS.workdir)
+        history = trainer.train()
+    except (FileNotFoundError, ValueError, FloatingPointError) as e:
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if history:
+        print(f"trained to step {history[-1]['step']}, final loss {history[-1]['loss']:.4f}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,61 @@
+"""Console + TensorBoard logging and model-FLOPs utilisation."""
+
+from __future__ import annotations
+
+import jax
+
+# Dense bf16 peak FLOP/s per device (vendor figures), for MFU. Unknown devices (CPU) report no MFU.
+PEAK_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+}
+
+
+def device_peak_flops() -> float | None:
+    kind = jax.devices()[0].device_kind
+    for name, flops in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return flops
+    return None
+
+
+def compiled_flops(compiled) -> float | None:
+    """FLOPs of one call of a compiled function, from XLA's cost analysis (per device program)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # some backends do not implement cost analysis
+        return None
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else {}
+    flops = cost.get("flops") if cost else None
+    return float(flops) if flops else None
+
+
+class Writer:
+    """TensorBoard scalars/images from process 0 only (other processes write nothing)."""
+
+    def __init__(self, logdir):
+        self.tb = None
+        if jax.process_index() == 0:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(logdir))
+
+    def scalars(self, step: int, values: dict):
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, float(v), step)
+
+    def image(self, step: int, name: str, image):
+        if self.tb is not None:
+            self.tb.add_image(name, image, step, dataformats="HWC")
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,33 @@
+"""Which parameters train in each stage (paper §3.4).
+
+Stage 1: the RGB branch's base parameters are frozen; the dense branch and the exchange layers of BOTH
+branches train (the masked-latent conv too, when present). Stages 2 and 3 train everything. The split
+is done with ``nnx.split``, so frozen parameters are not differentiated and get no optimizer state.
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from jointnet_jax.models.jointnet import EXCHANGE_PREFIX
+
+
+def is_trainable(stage: int):
+    """An NNX filter ``(path, value) -> bool`` selecting the trainable parameters of ``stage``."""
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"stage must be 0 (base), 1, 2 or 3; got {stage}")
+    if stage != 1:
+        return nnx.Param
+
+    def stage1(path, value):
+        if not isinstance(value, nnx.Param):
+            return False
+        branch, name = str(path[0]), str(path[1]) if len(path) > 1 else ""
+        return branch == "jointnet" or name.startswith(EXCHANGE_PREFIX)
+
+    return stage1
+
+
+def split_trainable(model: nnx.Module, stage: int):
+    """(graphdef, trainable state, frozen state) for ``stage``."""
+    return nnx.split(model, is_trainable(stage), ...)
