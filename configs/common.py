@@ -22,7 +22,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.adam_b1, c.adam_b2, c.adam_eps = 0.9, 0.999, 1e-8
     c.compute_dtype = "bf16"
     c.remat = True
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+    # Parameters with fewer elements than min_fsdp_size stay replicated (sharding them costs more than it saves).
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "min_fsdp_size": 2**14})
     c.data = ml_collections.ConfigDict(
         {
             "paths": "",  # record shards (files, folders or globs); empty: the embedded synthetic world
@@ -50,11 +51,13 @@ def base_config() -> ml_collections.ConfigDict:
 def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """CPU-sized variant: tiny random SD-shaped base, the synthetic world, a few steps."""
     c.base = "tiny"
+    c.tiny_unet = "4level"  # tiny base UNet: "4level" (SD2.1's block layout) or "2level" (compiles much faster)
     c.batch_size = 8
     c.total_steps = 20
     c.warmup_steps = 5
     c.compute_dtype = "fp32"
     c.remat = False
+    c.mesh.min_fsdp_size = 256
     c.data.resolution = 32
     c.data.worker_count = 0
     c.data.synthetic_num = 64

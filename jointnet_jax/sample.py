@@ -1,5 +1,6 @@
 """``python -m jointnet_jax.sample TASK ...``: joint RGB+depth generation, image->depth, depth->image,
-RGBD inpainting, and panorama -> mesh.
+RGBD inpainting, tile-based panoramas (``panorama``, ``pano-inpaint``), tile-based SDEdit upsampling
+(``refine``), and panorama -> mesh.
 
 Outputs per sample ``i`` in ``--out``: ``{i:04d}_rgb.png`` (8-bit), ``{i:04d}_depth.png`` (16-bit) and
 ``{i:04d}_depth_color.png`` (preview) or ``{i:04d}_normal.png``, ``{i:04d}.npz`` (float32 ``rgb`` and
@@ -9,6 +10,7 @@ Outputs per sample ``i`` in ``--out``: ``{i:04d}_rgb.png`` (8-bit), ``{i:04d}_de
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -19,6 +21,12 @@ import numpy as np
 from jointnet_jax import io_utils, mesh
 
 GEN_TASKS = ("generate", "depth", "image", "inpaint")
+PANO_INPAINT_PRESETS = {"rgb2j": "depth", "j2rgb": "image", "custom": "inpaint"}  # official preset -> task
+TILED_TASKS = {  # subcommand -> (help, default tiling preset)
+    "panorama": ("text -> RGBD panorama, tile-based (2048x512 for SD2.1-base; --wrap for 360°)", "ours"),
+    "pano-inpaint": ("tile-based panorama inpainting/outpainting with masks", "ours"),
+    "refine": ("tile-based SDEdit upsampling/refinement of an RGBD pair (strength 0.4)", "upsample"),
+}
 
 
 def _common(p: argparse.ArgumentParser):
@@ -50,6 +58,22 @@ def _common(p: argparse.ArgumentParser):
     p.add_argument("--depth-mask", help="depth mask, white = repaint (inpaint)")
 
 
+def _tiling_args(p: argparse.ArgumentParser, mode: str):
+    """Tiling flags; unset ones keep the preset's values (``jointnet_jax.pipelines.tiles``)."""
+    from jointnet_jax.pipelines.tiles import MODES
+
+    g = p.add_argument_group("tiling (sizes in latent pixels)")
+    g.add_argument("--tiling", choices=MODES, default=mode, help=f"preset (default {mode}); none = non-tiled")
+    g.add_argument("--tile", type=int, help="tile side (default: the UNet's sample_size, 64 for SD2.1-base)")
+    g.add_argument("--stride", type=int, help="tile stride (ours: tile/2, multidiffusion: tile/8)")
+    g.add_argument("--tile-batch", type=int, help="tiles per model call (default 8)")
+    g.add_argument("--wrap", action="store_true", default=None, help="circular columns: 360° panorama")
+    g.add_argument("--random-offset", action=argparse.BooleanOptionalAction, help="random grid offset per step")
+    g.add_argument("--ramp", type=int, help="linear weight decay width at tile borders (0 = constant)")
+    g.add_argument("--full-view-fraction", type=float, help="whole canvas as a view for this share of steps")
+    g.add_argument("--full-view-weight", type=float, help="the whole-canvas view's weight (default 5)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jointnet_jax.sample", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="task", required=True)
@@ -61,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for task in GEN_TASKS:
         _common(sub.add_parser(task, help=helps[task]))
+    for task, (help_, mode) in TILED_TASKS.items():
+        p = sub.add_parser(task, help=help_)
+        _common(p)
+        _tiling_args(p, mode)
+    sub.choices["pano-inpaint"].add_argument("--preset", choices=PANO_INPAINT_PRESETS, default="rgb2j")
+    sub.choices["refine"].add_argument("--preset", choices=("both", "image", "depth"), default="both")
+    sub.choices["refine"].add_argument("--scale", type=float, default=2.0, help="output size / input size")
+    sub.choices["refine"].set_defaults(strength=0.4)
     mesh.add_arguments(sub.add_parser("mesh", help="RGBD panorama -> GLB/PLY mesh"))
     return parser
 
@@ -145,7 +177,16 @@ def run_task(args) -> list[Path]:
     dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[args.dtype]
     start = time.perf_counter()
     pipe = Pipeline.from_pretrained(args.base, args.model, dtype=dtype, modality=args.modality)
-    result = pipe.run(args.task, prompts, init_noise=init_noise, settings=settings, **inputs)
+    tiling = _tiling(args, pipe) if args.task in TILED_TASKS else None
+    kw = dict(init_noise=init_noise, settings=settings, tiling=tiling)
+    if args.task == "panorama":
+        result = pipe.panorama(prompts, **kw)
+    elif args.task == "refine":
+        image, depth = inputs.get("image"), inputs.get("depth")
+        result = pipe.refine(prompts, image, depth, preset=args.preset, scale=args.scale, **kw)
+    else:
+        task = PANO_INPAINT_PRESETS[args.preset] if args.task == "pano-inpaint" else args.task
+        result = pipe.run(task, prompts, **inputs, **kw)
     batch_prompts = [p for p in prompts for _ in range(args.num_samples)]
     record = {
         "task": args.task,
@@ -154,6 +195,7 @@ def run_task(args) -> list[Path]:
         "model": str(Path(args.model).resolve()),
         "modality": args.modality,
         "dtype": args.dtype,
+        "tiling": None if tiling is None else dataclasses.asdict(tiling),
         "inputs": {
             k: str(Path(getattr(args, k)).resolve())
             for k in ("image", "depth", "mask", "depth_mask", "init_noise")
@@ -163,6 +205,13 @@ def run_task(args) -> list[Path]:
     written = write_outputs(Path(args.out), result, batch_prompts, record, args.modality)
     print(f"wrote {len(written)} samples to {args.out} in {time.perf_counter() - start:.1f} s")
     return written
+
+
+def _tiling(args, pipe):
+    """The run's ``Tiling`` (None for non-tiled): the preset with the flags that were given."""
+    names = ("stride", "wrap", "random_offset", "ramp", "full_view_fraction", "full_view_weight")
+    overrides = {name: getattr(args, name) for name in names} | {"batch": args.tile_batch}
+    return pipe.native_tiling(args.tiling, args.tile, **overrides)
 
 
 def main(argv=None) -> int:

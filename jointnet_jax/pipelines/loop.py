@@ -2,7 +2,8 @@
 as a single program (``jax.lax.fori_loop``) per (task structure, shapes, sampler).
 
 Every task is data for this loop (see ``tasks.py``): generation has nothing known; image->depth knows
-the RGB latent; inpainting knows parts of both. Nothing here is specific to a task.
+the RGB latent; inpainting knows parts of both. Nothing here is specific to a task. Tile-based generation
+(``tiles.py``) is a static setting of the same loop: only where the step's eps comes from changes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from flax import nnx
 
 from jointnet_jax.diffusion.guidance import cfg, rescale_guidance
 from jointnet_jax.diffusion.samplers import Sampler
+from jointnet_jax.pipelines import tiles
 
 # Host-side progress sink for the compiled loop (a tqdm bar or None); set by the caller around a run.
 _PROGRESS = {"bar": None}
@@ -67,29 +69,33 @@ def guided_eps(model, x, t, text, cond_rgb, cond_dense, guidance_scale, guidance
     return rescale_guidance(cfg(uncond, cond, guidance_scale), cond, guidance_rescale)
 
 
-def loop_step(model, sampler: Sampler, inputs: LoopInputs, guidance_scale, guidance_rescale, key, guided, i, carry):
-    """One step of the loop: guided two-branch eps, the sampler update, then known-region replacement."""
+def loop_step(
+    model, sampler: Sampler, inputs: LoopInputs, guidance_scale, guidance_rescale, key, guided, i, carry, tiling=None
+):
+    """One step of the loop: guided two-branch eps (of the whole canvas, or tiled when ``tiling`` is a
+    ``tiles.TileGrid``), the sampler update, then known-region replacement."""
     x, sampler_state = carry
-    model_in = sampler.scale_model_input(x, i)
-    eps = guided_eps(
-        model,
-        model_in,
-        sampler.timestep_at(i),
-        inputs.text,
-        inputs.cond_rgb,
-        inputs.cond_dense,
-        guidance_scale,
-        guidance_rescale,
-        guided,
-    )
-    x, sampler_state = sampler.step(sampler_state, i, eps, x, jax.random.fold_in(key, i))
+    t = sampler.timestep_at(i)
+
+    def eps_fn(x, cond_rgb, cond_dense, text):
+        return guided_eps(model, x, t, text, cond_rgb, cond_dense, guidance_scale, guidance_rescale, guided)
+
+    step_key = jax.random.fold_in(key, i)
+    canvas = (sampler.scale_model_input(x, i), inputs.cond_rgb, inputs.cond_dense)
+    if tiling is None:
+        eps = eps_fn(*canvas, inputs.text)
+    else:
+        last = tiling.full_view_last_step(sampler.num_steps)
+        full_view = None if last is None else i <= last
+        eps = tiles.tiled_eps(tiling, eps_fn, canvas, inputs.text, jax.random.fold_in(step_key, 1), full_view)
+    x, sampler_state = sampler.step(sampler_state, i, eps, x, step_key)
     if inputs.known is not None:
         known_t = sampler.add_noise_at(inputs.known, inputs.noise, i + 1)
         x = inputs.generate * x + (1 - inputs.generate) * known_t
     return x, sampler_state
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "guided", "progress"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "guided", "progress", "tiling"))
 def denoise(
     graphdef,
     state,
@@ -101,12 +107,13 @@ def denoise(
     *,
     guided,
     progress=False,
+    tiling: tiles.TileGrid | None = None,
 ):
     """Run the whole sampler trajectory in one compiled program; returns the final joint latents (float32)."""
     model = nnx.merge(graphdef, state)
 
     def body(i, carry):
-        carry = loop_step(model, sampler, inputs, guidance_scale, guidance_rescale, key, guided, i, carry)
+        carry = loop_step(model, sampler, inputs, guidance_scale, guidance_rescale, key, guided, i, carry, tiling)
         if progress:
             jax.debug.callback(_tick, i)
         return carry

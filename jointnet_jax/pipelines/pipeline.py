@@ -3,7 +3,8 @@
 Encoding and decoding follow the official code (spec §3): depth is normalised inverse depth in [0, 1]
 (near = bright), fed as a gray image replicated to 3 channels through the RGB VAE; inputs are encoded with
 a posterior *sample* scaled by the VAE's scaling factor; each 4-channel half is decoded separately and the
-dense half keeps channel 0 (depth) or all 3 (normals). All denoising goes through ``loop.denoise``.
+dense half keeps channel 0 (depth) or all 3 (normals). All denoising goes through ``loop.denoise``; tiled
+tasks (panorama, refine, panorama inpainting) pass it a static ``tiles.TileGrid``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from PIL import Image
 
 from jointnet_jax.diffusion.samplers import make_sampler
 from jointnet_jax.diffusion.schedule import NoiseSchedule, load_schedule
@@ -26,8 +28,11 @@ from jointnet_jax.models.jointnet import JointNet
 from jointnet_jax.models.vae import load_vae
 from jointnet_jax.pipelines import loop
 from jointnet_jax.pipelines.tasks import latent_mask, task_masks
+from jointnet_jax.pipelines.tiles import TileGrid, Tiling
 from jointnet_jax.pretrained import load_jointnet
 
+WRAP_DECODE_COLUMNS = 8  # latent columns copied onto each side to decode a wrapped canvas (official)
+REFINE_PRESETS = {"both": "refine", "image": "image", "depth": "depth"}
 SCHEDULERS = {"ddim": "ddim", "dpmpp2m": "dpmpp_2m", "euler": "euler", "euler_a": "euler_ancestral"}
 
 
@@ -115,9 +120,15 @@ class Pipeline:
         posterior = self._encode(jnp.asarray(images) * 2 - 1)
         return posterior.sample(key) * self.vae.scaling_factor
 
-    def decode_latents(self, latents) -> np.ndarray:
-        """Scaled latents (B, h, w, 4) -> images (B, H, W, 3) in [0, 1]."""
-        return np.asarray(jnp.clip(self._decode(latents / self.vae.scaling_factor) / 2 + 0.5, 0, 1), np.float32)
+    def decode_latents(self, latents, wrap: bool = False) -> np.ndarray:
+        """Scaled latents (B, h, w, 4) -> images (B, H, W, 3) in [0, 1]. ``wrap``: a 360° canvas is decoded
+        with its opposite columns attached on each side, then cropped, so the seam has no border effects."""
+        pad = min(WRAP_DECODE_COLUMNS, latents.shape[2]) if wrap else 0
+        if pad:
+            latents = jnp.concatenate([latents[:, :, -pad:], latents, latents[:, :, :pad]], axis=2)
+        images = np.asarray(jnp.clip(self._decode(latents / self.vae.scaling_factor) / 2 + 0.5, 0, 1), np.float32)
+        cut = pad * self.vae_factor
+        return images[:, :, cut : images.shape[2] - cut]
 
     def dense_to_image(self, dense) -> np.ndarray:
         """Depth (B, H, W) -> gray 3-channel image; normals (B, H, W, 3) pass through."""
@@ -143,6 +154,51 @@ class Pipeline:
         """RGBD editing: masks are 1 where to repaint, separately for RGB and dense."""
         return self.run("inpaint", prompts, image=image, depth=depth, mask=mask, depth_mask=depth_mask, **kw)
 
+    def native_tiling(self, mode: str = "ours", tile: int | None = None, **overrides) -> Tiling | None:
+        """A tiling preset (``tiles.Tiling.preset``); the tile defaults to the UNet's native latent size."""
+        return Tiling.preset(mode, tile or self.jointnet.unet.config.sample_size or 64, **overrides)
+
+    def panorama(self, prompts, *, tiling: Tiling | str | None = "ours", settings: SampleSettings | None = None, **kw):
+        """Text -> RGBD panorama, tile-based (paper §5.3). Default size: the native height and 4x the native
+        width (2048x512 for SD2.1-base)."""
+        s, kw = _split_settings(settings or SampleSettings(), kw)
+        s.height, s.width = s.height or self.default_size(), s.width or 4 * self.default_size()
+        return self.run("generate", prompts, settings=s, tiling=tiling, **kw)
+
+    def refine(
+        self,
+        prompts,
+        image=None,
+        depth=None,
+        *,
+        preset: str = "both",
+        scale: float = 2.0,
+        tiling: Tiling | str | None = "upsample",
+        settings: SampleSettings | None = None,
+        **kw,
+    ):
+        """Upsample and refine an RGBD pair by tile-based SDEdit (paper §5.2, A.4; official upsample CLI).
+
+        ``preset``: regenerate ``both`` sides, only the ``image`` (depth kept) or only the ``depth`` (image
+        kept). The output size is ``height``/``width`` or the input's size times ``scale``; regenerated inputs
+        are resized to it (image LANCZOS, depth NEAREST, as official), kept ones must already have it.
+        Defaults: strength 0.4, tiles in both directions without full view or offset (official).
+        Single inputs (H, W, 3) and (H, W) only.
+        """
+        if preset not in REFINE_PRESETS:
+            raise ValueError(f"unknown refine preset {preset!r}; expected one of {', '.join(REFINE_PRESETS)}")
+        if image is None or depth is None:
+            raise ValueError("refine needs an input image and an input depth (or normal) map")
+        s, kw = _split_settings(settings or SampleSettings(strength=0.4), kw)
+        hw = np.shape(image)[-3:-1]
+        s.height, s.width = s.height or round(hw[0] * scale), s.width or round(hw[1] * scale)
+        size = (s.height, s.width)
+        if preset != "depth":
+            image = _resize(image, size, Image.LANCZOS)
+        if preset != "image":
+            depth = _resize(depth, size, Image.NEAREST)
+        return self.run(REFINE_PRESETS[preset], prompts, image=image, depth=depth, settings=s, tiling=tiling, **kw)
+
     def sampler(self, kind, steps, strength=1.0, eta=0.0):
         """Samplers compare by value, so the compiled loop is shared by equal settings."""
         if kind not in SCHEDULERS:
@@ -161,10 +217,13 @@ class Pipeline:
         init_noise=None,
         progress=None,
         settings: SampleSettings | None = None,
+        tiling: Tiling | str | None = None,
         **overrides,
     ):
         """Sample ``num_samples`` per prompt. Returns a dict of float32 numpy arrays: ``rgb`` (B, H, W, 3),
-        ``depth`` (B, H, W) or ``normal`` (B, H, W, 3), and the final ``latents`` (B, h, w, 8)."""
+        ``depth`` (B, H, W) or ``normal`` (B, H, W, 3), and the final ``latents`` (B, h, w, 8).
+        ``tiling``: tile-based denoising of the canvas (a ``tiles.Tiling`` or a preset name for the native
+        tile, see ``tiles.MODES``); None denoises it whole."""
         s = settings or SampleSettings()
         s = SampleSettings(**{**s.__dict__, **overrides})
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -176,6 +235,9 @@ class Pipeline:
             raise ValueError(f"strength must be in (0, 1], got {s.strength}")
         if task == "generate" and s.strength != 1.0:
             raise ValueError("strength < 1 needs an input image or depth (SDEdit); generate starts from noise")
+        if task == "refine" and s.strength == 1.0:
+            raise ValueError("refine is SDEdit: give a strength below 1 (official 0.4)")
+        grid = self._tile_grid(tiling, height, width)
         m_rgb, m_dense = task_masks(task, b, height, width, mask, depth_mask)
         masked = self.jointnet.masked_input if s.masked_conditioning is None else s.masked_conditioning
         if masked and not self.jointnet.masked_input:
@@ -204,9 +266,9 @@ class Pipeline:
                 if depth is not None
                 else np.zeros((b, height, width, 3), np.float32)
             )
-            if task in ("depth", "inpaint") and image is None:
+            if task in ("depth", "inpaint", "refine") and image is None:
                 raise ValueError(f"task {task!r} needs an input image")
-            if task in ("image", "inpaint") and depth is None:
+            if task in ("image", "inpaint", "refine") and depth is None:
                 raise ValueError(f"task {task!r} needs an input {self.modality} map")
             latents = self.encode_images(np.concatenate([rgb_in, dense_in]), key_vae)
             known = jnp.concatenate([latents[:b], latents[b:]], axis=-1)
@@ -247,8 +309,10 @@ class Pipeline:
                 key_loop,
                 guided=guided,
                 progress=progress is not False,
+                tiling=grid,
             )
-        decoded = self.decode_latents(jnp.concatenate([latents[..., :4], latents[..., 4:]]))
+        wrap = grid is not None and grid.tiling.wrap
+        decoded = self.decode_latents(jnp.concatenate([latents[..., :4], latents[..., 4:]]), wrap=wrap)
         out = {"rgb": decoded[:b], "latents": np.asarray(latents)}
         dense = decoded[b:]
         if self.modality == "depth":
@@ -268,6 +332,17 @@ class Pipeline:
         else:
             hw = (self.default_size(),) * 2
         return int(s.height or hw[0]), int(s.width or hw[1])
+
+    def _tile_grid(self, tiling: Tiling | str | None, height: int, width: int) -> TileGrid | None:
+        """The static tile schedule; tiles must be a size the UNet can run (multiples of its downsampling)."""
+        if isinstance(tiling, str):
+            tiling = self.native_tiling(tiling)
+        if tiling is None:
+            return None
+        m = self.size_multiple // self.vae_factor
+        if tiling.tile % m:
+            raise ValueError(f"the tile size must be a multiple of {m} latent pixels; got {tiling.tile}")
+        return TileGrid(tiling, height // self.vae_factor, width // self.vae_factor)
 
     def _initial_noise(self, init_noise, key, shape):
         if init_noise is None:
@@ -298,6 +373,22 @@ def _fit_batch(array, batch, shape, name):
     if not np.isfinite(a).all():
         raise ValueError(f"{name} input contains NaN or inf")
     return np.broadcast_to(a, (batch, *shape))
+
+
+def _split_settings(settings: SampleSettings, kw: dict) -> tuple[SampleSettings, dict]:
+    """A copy of ``settings`` with the ``SampleSettings`` fields of ``kw`` applied, and the other keywords."""
+    fields = {k: v for k, v in kw.items() if k in SampleSettings.__dataclass_fields__}
+    return SampleSettings(**{**settings.__dict__, **fields}), {k: v for k, v in kw.items() if k not in fields}
+
+
+def _resize(array, size, resample) -> np.ndarray:
+    """Resize (H, W) or (H, W, C) float maps channel by channel with PIL (float mode keeps the precision)."""
+    a = np.asarray(array, np.float32)
+    if a.shape[:2] == tuple(size):
+        return a
+    channels = [a] if a.ndim == 2 else list(np.moveaxis(a, -1, 0))
+    out = [np.asarray(Image.fromarray(c).resize(size[::-1], resample)) for c in channels]
+    return np.clip(out[0] if a.ndim == 2 else np.stack(out, -1), 0, 1)
 
 
 @contextlib.contextmanager

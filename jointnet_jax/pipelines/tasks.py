@@ -3,20 +3,22 @@
 Every task is a pair of pixel masks (1 = generate, 0 = keep), one per modality, as the official
 inpainting pipeline defines them. Image->depth and depth->image are its ``rgb2j``/``j2rgb`` presets: the
 known side comes from the input, the generated side starts from a black image (zeros -> -1), exactly as
-the official CLI builds it.
+the official CLI builds it. ``refine`` regenerates both sides from both inputs (SDEdit with strength < 1,
+official ``jointnet_upsample_pipeline`` preset ``both``); its image-only and depth-only presets are the
+``image`` and ``depth`` tasks run from an input on both sides.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-TASKS = ("generate", "depth", "image", "inpaint")
+TASKS = ("generate", "depth", "image", "inpaint", "refine")
 
 
 def task_masks(task: str, batch: int, height: int, width: int, mask=None, depth_mask=None):
     """(mask_rgb, mask_dense), each (B, H, W) float32 in {0, 1}; 1 = generate."""
     ones = np.ones((batch, height, width), np.float32)
-    if task == "generate":
+    if task in ("generate", "refine"):
         return ones, ones
     if task == "depth":
         return 0 * ones, ones

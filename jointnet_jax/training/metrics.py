@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import jax
 
 # Dense bf16 peak FLOP/s per device (vendor figures), for MFU. Unknown devices (CPU) report no MFU.
@@ -38,19 +41,22 @@ def compiled_flops(compiled) -> float | None:
 
 
 class Writer:
-    """TensorBoard scalars/images from process 0 only (other processes write nothing)."""
+    """TensorBoard scalars/images plus a ``metrics.jsonl`` next to them, from process 0 only."""
 
     def __init__(self, logdir):
-        self.tb = None
+        self.tb = self.jsonl = None
         if jax.process_index() == 0:
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(str(logdir))
+            self.jsonl = open(Path(logdir) / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
 
     def scalars(self, step: int, values: dict):
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(k, float(v), step)
+            self.jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
+            self.jsonl.flush()
 
     def image(self, step: int, name: str, image):
         if self.tb is not None:
@@ -59,3 +65,4 @@ class Writer:
     def close(self):
         if self.tb is not None:
             self.tb.close()
+            self.jsonl.close()

@@ -29,7 +29,7 @@ from jointnet_jax.models.clip_text import load_text_encoder, load_tokenizer
 from jointnet_jax.models.jointnet import JointNet
 from jointnet_jax.models.vae import load_vae
 from jointnet_jax.pretrained import load_jointnet, load_unet
-from jointnet_jax.tiny_base import ensure_tiny_base
+from jointnet_jax.tiny_base import UNET_2LEVEL, ensure_tiny_base
 from jointnet_jax.training import checkpoints
 from jointnet_jax.training.metrics import Writer, compiled_flops, device_peak_flops
 from jointnet_jax.training.objective import LossSettings, joint_loss
@@ -37,6 +37,7 @@ from jointnet_jax.training.optimizer import make_optimizer
 from jointnet_jax.training.partition import split_trainable
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+TINY_UNETS = {"4level": None, "2level": UNET_2LEVEL}
 
 
 @dataclasses.dataclass
@@ -49,12 +50,13 @@ class TrainState:
 jax.tree_util.register_dataclass(TrainState, data_fields=["step", "params", "opt_state"], meta_fields=[])
 
 
-def resolve_base(base: str, workdir: Path) -> Path:
-    """``"tiny"`` means a tiny random SD-shaped base written once into the workdir (CPU configs)."""
+def resolve_base(base: str, workdir: Path, tiny_unet: dict | None = None) -> Path:
+    """``"tiny"`` means a tiny random SD-shaped base written once into the workdir (CPU configs);
+    ``tiny_unet`` overrides its UNet config."""
     if base == "tiny":
         path = workdir / "tiny_base"
         if jax.process_index() == 0:
-            ensure_tiny_base(path)
+            ensure_tiny_base(path, unet=tiny_unet)
         multihost_utils.sync_global_devices("tiny_base")
         return path
     path = Path(base)
@@ -102,7 +104,7 @@ class Trainer:
         if config.batch_size % jax.device_count():
             raise ValueError(f"batch_size {config.batch_size} must be divisible by the {jax.device_count()} devices")
         dtype = DTYPES[config.compute_dtype]
-        self.base = resolve_base(config.base, self.workdir)
+        self.base = resolve_base(config.base, self.workdir, TINY_UNETS[config.get("tiny_unet", "4level")])
         self.schedule = load_schedule(self.base / "scheduler")
         jn = build_jointnet(config, self.base, dtype)
         self.graphdef, trainable, frozen = split_trainable(jn, config.stage)
@@ -112,10 +114,11 @@ class Trainer:
         self.tx, self.lr_schedule = make_optimizer(config)
         self.loss_settings = LossSettings(config.modality, config.text_drop, config.noise_offset, config.stage)
 
-        place = lambda tree: jax.device_put(tree, sh.tree_shardings(tree, self.mesh))  # noqa: E731
+        self.shardings = lambda tree: sh.tree_shardings(tree, self.mesh, config.mesh.min_fsdp_size)  # noqa: E731
+        place = lambda tree: jax.device_put(tree, self.shardings(tree))  # noqa: E731
         self.frozen, self.vae_state, self.text_state = place(frozen), place(vae_state), place(text_state)
         trainable = place(trainable)
-        opt_shardings = sh.tree_shardings(jax.eval_shape(self.tx.init, trainable), self.mesh)
+        opt_shardings = self.shardings(jax.eval_shape(self.tx.init, trainable))
         opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(trainable)
         self.state = TrainState(jax.device_put(jnp.int32(0), sh.replicated(self.mesh)), trainable, opt_state)
         self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
@@ -125,19 +128,18 @@ class Trainer:
         text_encoder = nnx.merge(self.text_def, self.text_state)
         self.uncond = jax.device_put(text_encoder(jnp.asarray(ids, jnp.int32)), sh.replicated(self.mesh))
 
-        self.data = InputPipeline(
-            PipelineConfig(
-                paths=training_data(config, self.workdir),
-                resolution=config.data.resolution,
-                batch_size=config.batch_size // n_proc,
-                seed=config.data.seed,
-                modality=config.modality,
-                tokenizer=self.tokenizer,
-                worker_count=config.data.worker_count,
-                crop_scale=tuple(config.data.crop_scale),
-                flip=config.data.flip,
-            )
+        self.data_config = PipelineConfig(
+            paths=training_data(config, self.workdir),
+            resolution=config.data.resolution,
+            batch_size=config.batch_size // n_proc,
+            seed=config.data.seed,
+            modality=config.modality,
+            tokenizer=self.tokenizer,
+            worker_count=config.data.worker_count,
+            crop_scale=tuple(config.data.crop_scale),
+            flip=config.data.flip,
         )
+        self.data = InputPipeline(self.data_config)
         self.manager = checkpoints.make_manager(
             self.workdir, keep=config.keep_checkpoints, async_save=config.async_checkpoints
         )
@@ -176,7 +178,7 @@ class Trainer:
             return TrainState(state.step + 1, params, opt_state), metrics
 
         repl = sh.replicated(self.mesh)
-        shard = lambda tree: sh.tree_shardings(tree, self.mesh)  # noqa: E731
+        shard = self.shardings
         return jax.jit(
             train_step,
             in_shardings=(
@@ -219,9 +221,8 @@ class Trainer:
             for step in range(start, end):
                 t0 = time.perf_counter()
                 batch = self._global_batch(next(self.data))
-                if flops is None:
-                    flops = self.step_flops(batch) or 0.0
-                self.state, metrics = self._step_fn(
+                step_fn = self.compiled_step(batch)
+                self.state, metrics = step_fn(
                     self.state, self.frozen, self.vae_state, self.text_state, self.uncond, batch
                 )
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -1,0 +1,115 @@
+"""Panorama coherence (paper §5.3, Table 2): intra-LPIPS and wall time per panorama for non-tiled
+generation, MultiDiffusion and our tiling, over a prompt list.
+
+Intra-LPIPS (SyncDiffusion's protocol, Lee et al. 2023): the panorama is cut into non-overlapping square
+crops as high as the image (4 for 2048x512), LPIPS is computed for every pair (6) and averaged; lower means
+more coherent. The distance is injectable; ``lpips_distance`` wraps the ``lpips`` package (which needs
+torchvision) and loads its whole state dict (backbone + linear heads) from a local file, because nothing
+may be downloaded at run time: write it once with ``torch.save(lpips.LPIPS(net='alex').state_dict(), path)``.
+
+    python -m jointnet_jax.evaluate_panorama --base SD21 --model JOINTNET --prompts-file prompts.txt \\
+        --samples 20 --lpips-weights alex_full.pth --out table2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+METHODS = {"non-tiled": "none", "multidiffusion": "multidiffusion", "ours": "ours"}  # Table 2 row -> tiling
+
+
+def crops(image) -> list[np.ndarray]:
+    """Non-overlapping square crops (side = image height) from the left edge of an (H, W, 3) panorama."""
+    side = image.shape[0]
+    return [image[:, k * side : (k + 1) * side] for k in range(image.shape[1] // side)]
+
+
+def intra_lpips(image, distance) -> float:
+    """Mean ``distance(a, b)`` over all pairs of crops (a distance takes two (S, S, 3) images in [0, 1])."""
+    pairs = list(itertools.combinations(crops(image), 2))
+    if not pairs:
+        raise ValueError(f"intra-LPIPS needs an image at least twice as wide as high; got {image.shape[:2]}")
+    return float(np.mean([distance(a, b) for a, b in pairs]))
+
+
+def lpips_distance(weights, net: str = "alex"):
+    """LPIPS from the ``lpips`` package with every weight read from ``weights`` (a full state dict)."""
+    try:
+        import lpips
+        import torch
+    except ImportError as e:
+        raise ImportError("intra-LPIPS needs the lpips package (and torchvision); pip install lpips") from e
+    if not Path(weights).is_file():
+        raise FileNotFoundError(f"LPIPS weights {weights} do not exist")
+    model = lpips.LPIPS(net=net, pretrained=False, pnet_rand=True, verbose=False).eval()
+    model.load_state_dict(torch.load(weights, map_location="cpu"))
+
+    def distance(a, b):
+        a, b = (torch.from_numpy(np.asarray(x, np.float32)).permute(2, 0, 1)[None] * 2 - 1 for x in (a, b))
+        with torch.no_grad():
+            return float(model(a, b))
+
+    return distance
+
+
+def evaluate(pipe, prompts, samples: int, distance=None, **settings) -> dict:
+    """Per method: wall time per panorama (after a compile run) and intra-LPIPS (when ``distance`` is
+    given), averaged over ``samples`` seeds per prompt."""
+    results = {}
+    for method, mode in METHODS.items():
+        pipe.panorama(prompts[0], tiling=mode, progress=False, **settings)  # compile
+        times, scores = [], []
+        for prompt, seed in itertools.product(prompts, range(samples)):
+            start = time.perf_counter()
+            out = pipe.panorama(prompt, tiling=mode, seed=seed, progress=False, **settings)
+            times.append(time.perf_counter() - start)
+            if distance is not None:
+                scores.append(intra_lpips(out["rgb"][0], distance))
+        results[method] = {
+            "time_s": float(np.mean(times)),
+            "intra_lpips": float(np.mean(scores)) if scores else None,
+            "panoramas": len(times),
+        }
+    return results
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jointnet_jax.evaluate_panorama", description=__doc__.split("\n")[0])
+    p.add_argument("--base", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompt", action="append", default=[])
+    p.add_argument("--prompts-file")
+    p.add_argument("--samples", type=int, default=20, help="seeds per prompt (paper: 16 prompts x 20)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--lpips-weights", help="full lpips state dict; without it only times are measured")
+    p.add_argument("--out", required=True, help="JSON results")
+    args = p.parse_args(argv)
+    from jointnet_jax.pipelines import Pipeline
+    from jointnet_jax.sample import _prompts
+
+    try:
+        distance = lpips_distance(args.lpips_weights) if args.lpips_weights else None
+        pipe = Pipeline.from_pretrained(args.base, args.model)
+        size = dict(steps=args.steps, height=args.height, width=args.width)
+        results = evaluate(pipe, _prompts(args), args.samples, distance, **size)
+    except (OSError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print("| setting | time per panorama (s) | intra-LPIPS |\n|---|---|---|")
+    for method, r in results.items():
+        print(f"| {method} | {r['time_s']:.2f} | {r['intra_lpips'] if r['intra_lpips'] is not None else '-'} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Training: freezing, output preservation, loss decrease, export, init_from, resume, SIGTERM, multi-host."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import jointnet_jax as jj
+from configs import sd21_depth, sd21_depth_inpaint
+from jointnet_jax.data.input_pipeline import InputPipeline
+from jointnet_jax.training.objective import joint_loss
+from jointnet_jax.training.trainer import Trainer
+from jointnet_jax.weights import state_tensors
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 6
+
+
+def _config(**overrides):
+    c = sd21_depth.get_config("tiny")
+    c.total_steps = STEPS
+    c.checkpoint_every = 2
+    c.data.synthetic_num = 32
+    c.mesh.data, c.mesh.fsdp = 4, 2  # one mesh everywhere: the compiled step is shared via the persistent cache
+    c.tiny_unet = "2level"  # compiles several times faster than the 4-level tiny UNet
+    for k, v in overrides.items():
+        target = c
+        *parents, leaf = k.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = v
+    return c
+
+
+def _cli_overrides(c):
+    return [
+        f"--config.total_steps={c.total_steps}",
+        f"--config.checkpoint_every={c.checkpoint_every}",
+        f"--config.data.synthetic_num={c.data.synthetic_num}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    """One uninterrupted stage-1 run on 8 devices (mesh data=4 x fsdp=2); reused by several tests."""
+    assert jax.device_count() == 8
+    workdir = tmp_path_factory.mktemp("stage1")
+    trainer = Trainer(_config(), workdir)
+    before = dict(state_tensors(trainer.model()))
+    first_batch = trainer._global_batch(next(InputPipeline(trainer.data_config)))
+    history = trainer.train()
+    return trainer, before, first_batch, history
+
+
+def test_stage1_freezes_exactly_the_rgb_base(stage1):
+    trainer, before, _, _ = stage1
+    after = dict(state_tensors(trainer.model()))
+    trainable = {k for k in after if k.startswith("jointnet.") or k.split(".")[1].startswith("jointnet_")}
+    assert any(k.startswith("unet.jointnet_") for k in trainable) and any(k.startswith("jointnet.") for k in trainable)
+    for k, v in after.items():
+        if k in trainable:
+            assert not np.array_equal(v, before[k]), f"trainable {k} did not change"
+        else:
+            assert k.startswith("unet.") and np.array_equal(v, before[k]), f"frozen {k} changed"
+    # Optimizer state: AdamW's two moments for exactly the trainable parameters, nothing for frozen ones.
+    params = jax.tree.leaves(trainer.state.params)
+    moments = [x for x in jax.tree.leaves(trainer.state.opt_state) if np.ndim(x) > 0]
+    assert len(params) == len(trainable) and len(moments) == 2 * len(params)
+    assert sum(x.nbytes for x in moments) == 2 * sum(v.nbytes for k, v in after.items() if k in trainable)
+    # FSDP: some large parameters are really split over the fsdp axis.
+    specs = {tuple(x.sharding.spec) for x in params}
+    assert any("fsdp" in s for s in specs)
+
+
+def test_step0_rgb_loss_equals_base_unet_loss(stage1):
+    """Output preserving: at step 0 the RGB branch's loss is the base UNet's loss on the same batch."""
+    trainer, _, batch, history = stage1
+    base = jj.load_unet(trainer.base / "unet")
+    vae = jj.load_vae(trainer.base / "vae")
+    text = jj.load_text_encoder(trainer.base / "text_encoder")
+    key = jax.random.fold_in(jax.random.key(trainer.config.seed), 0)
+
+    @jax.jit
+    def base_loss(batch):
+        twin_of_base = lambda x, y, t, c, *_: (base(x, t, c), base(y, t, c))  # noqa: E731
+        return joint_loss(twin_of_base, vae, text, trainer.schedule, trainer.uncond, batch, key, trainer.loss_settings)
+
+    _, metrics = base_loss(batch)
+    np.testing.assert_allclose(history[0]["loss_rgb"], float(metrics["loss_rgb"]), rtol=1e-5)
+
+
+def test_loss_decreases_and_export_loads(stage1):
+    trainer, _, _, history = stage1
+    losses = [h["loss"] for h in history]
+    assert len(losses) == STEPS and all(np.isfinite(losses))
+    assert np.mean(losses[-2:]) < np.mean(losses[:2])
+    exported = jj.load_jointnet(trainer.workdir / "export")
+    a, b = dict(state_tensors(exported)), dict(state_tensors(trainer.model()))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_resume_after_sigkill_reproduces_losses(stage1, tmp_path):
+    """A run killed (SIGKILL) after its step-4 checkpoint resumes to the same losses as the uninterrupted run."""
+    _, _, _, history = stage1
+    c = _config()
+    cmd = [
+        sys.executable,
+        "-m",
+        "jointnet_jax.train",
+        "--config",
+        "configs/sd21_depth.py:tiny",
+        "--workdir",
+        str(tmp_path),
+        *_cli_overrides(c),
+        "--config.total_steps=1000",
+        "--config.mesh.data=4",
+        "--config.mesh.fsdp=2",
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 600
+        while not (tmp_path / "checkpoints" / "4").is_dir():
+            assert proc.poll() is None, "training subprocess died"
+            assert time.time() < deadline, "no step-4 checkpoint in time"
+            time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    resumed = Trainer(c, tmp_path)
+    assert int(resumed.state.step) >= 4
+    start = int(resumed.state.step)
+    tail = resumed.train()
+    expected = [h["loss"] for h in history[start:]]
+    np.testing.assert_allclose([h["loss"] for h in tail], expected, rtol=1e-5)
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
+    trainer = Trainer(_config(**{"total_steps": 50, "checkpoint_every": 100, "export": False}), tmp_path)
+    data = trainer.data
+
+    class TermAfter:  # deliver a real SIGTERM to this process while the third batch is read
+        def __init__(self):
+            self.n = 0
+
+        def __next__(self):
+            self.n += 1
+            if self.n == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return next(data)
+
+        def get_state(self):
+            return data.get_state()
+
+    trainer.data = TermAfter()
+    history = trainer.train()
+    assert len(history) == 3
+    assert trainer.manager.all_steps() == [3]
+
+
+def test_init_from_official_checkpoint_stage3(official, tmp_path):
+    """Start stage 3 from the official fixture: the masked-latent conv is added at zero and trained."""
+    c = sd21_depth_inpaint.get_config("tiny")
+    c.init_from = str(official / "rgbd_finetune")
+    c.total_steps, c.checkpoint_every, c.data.synthetic_num = 2, 2, 16
+    trainer = Trainer(c, tmp_path)
+    start = dict(state_tensors(trainer.model()))
+    fixture = dict(state_tensors(jj.load_jointnet(official / "rgbd_finetune")))
+    assert all(np.array_equal(start[k], v) for k, v in fixture.items())
+    assert not start["unet.jointnet_masked_latent_conv.weight"].any()
+    trainer.train()
+    end = dict(state_tensors(jj.load_jointnet(tmp_path / "export")))
+    assert end["unet.jointnet_masked_latent_conv.weight"].any()
+    assert not np.array_equal(end["unet.conv_in.weight"], start["unet.conv_in.weight"])  # stage 3 trains all
+
+
+def test_two_processes_match_one_process(stage1, tmp_path):
+    """2 processes x 4 fake devices (jax.distributed on loopback) give the 1 x 8 losses."""
+    _, _, _, history = stage1
+    c = _config()
+    env = {
+        **os.environ,
+        "NUM_PROCESSES": "2",
+        "DEVICES": "4",
+        "PYTHON": sys.executable,
+        "WORKDIR_LOGS": str(tmp_path / "logs"),
+        "XLA_FLAGS": "",
+    }
+    args = [
+        "--config",
+        "configs/sd21_depth.py:tiny",
+        "--workdir",
+        str(tmp_path / "run"),
+        *_cli_overrides(c),
+        "--config.mesh.data=4",
+        "--config.mesh.fsdp=2",
+        "--config.export=False",
+        "--config.log_every=1",
+    ]
+    result = subprocess.run(["bash", "launch/local.sh", *args], cwd=REPO, env=env, timeout=900)
+    logs = "\n".join(p.read_text()[-3000:] for p in sorted((tmp_path / "logs").glob("*.log")))
+    assert result.returncode == 0, logs
+    lines = (tmp_path / "run" / "tensorboard" / "metrics.jsonl").read_text().splitlines()
+    losses = {m["step"]: m["loss"] for m in map(json.loads, lines)}
+    expected = {h["step"]: h["loss"] for h in history if h["step"] in losses}
+    assert expected and all(abs(losses[s] - expected[s]) <= 1e-5 * abs(expected[s]) for s in expected), (
+        losses,
+        expected,
+    )
