@@ -140,7 +140,7 @@ def test_encode_prompts(torch_clip, tokenizer_folder):
     assert ids.shape == (2, 77) and ids[0, 0] == tokenizer.bos_token_id and ids[1, -1] == tokenizer.eos_token_id
     np.testing.assert_allclose(out, _torch_hidden(model, ids.astype(np.int64)), atol=1e-4, rtol=0)
     single = encode_prompts(tokenizer, load_text_encoder(folder), "a cat")
-    np.testing.assert_allclose(single, out[:1], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(single, out[:1], atol=1e-5, rtol=0)  # batch 1 vs 2: float rounding
 
 
 def test_missing_folders(tmp_path):

@@ -213,4 +213,4 @@ def test_batch_is_data_parallel_over_local_devices(pipe):
     kw = dict(steps=2, height=SIZE, width=SIZE, progress=False)
     sharded = pipe.generate(["a cat"] * 8, init_noise=noise, **kw)
     single = pipe.generate(["a cat"] * 3, init_noise=noise[:3], **kw)  # 3 does not divide 8: one device
-    np.testing.assert_allclose(sharded["latents"][:3], single["latents"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(sharded["latents"][:3], single["latents"], atol=1e-4, rtol=0)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import jointnet_jax as jj
 from configs import sd21_depth, sd21_depth_inpaint
@@ -248,15 +249,30 @@ def test_gradient_accumulation_averages_micro_batches():
     np.testing.assert_allclose(u2["w"], expected["w"], rtol=1e-6)
 
 
-def test_stage2_bf16_remat_accumulation_runs(tmp_path):
-    """Stage 2 (everything trains) with bf16 compute, fp32 parameters, remat and 2-step accumulation."""
-    c = _config(
-        stage=2, compute_dtype="bf16", remat=True, grad_accum=2, total_steps=2, checkpoint_every=2, warmup_steps=0
-    )
+def test_partition_per_stage(official):
+    """Stage 1 trains the dense branch and every exchange layer; stages 2 and 3 train everything."""
+    from jointnet_jax.training.partition import split_trainable
+
+    jn = jj.load_jointnet(official / "rgbd_inpaint")
+    n_all = len(jax.tree.leaves(nnx.state(jn, nnx.Param)))
+    _, trainable, frozen = split_trainable(jn, 1)
+    paths = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(trainable)}
+    assert "unet.jointnet_masked_latent_conv.kernel" in paths and "unet.jointnet_mid_block.kernel" in paths
+    assert not any(p.startswith("unet.") and ".jointnet_" not in "." + p[5:] for p in paths)
+    assert len(jax.tree.leaves(trainable)) + len(jax.tree.leaves(frozen)) == n_all
+    for stage in (2, 3):
+        _, trainable, frozen = split_trainable(jn, stage)
+        assert len(jax.tree.leaves(trainable)) == n_all and not jax.tree.leaves(frozen)
+
+
+def test_stage1_bf16_remat_accumulation_runs(tmp_path):
+    """Stage 1 (frozen RGB base) with bf16 compute, fp32 parameters, remat and 2-step accumulation."""
+    c = _config(compute_dtype="bf16", remat=True, grad_accum=2, total_steps=2, checkpoint_every=2, warmup_steps=0)
     trainer = Trainer(c, tmp_path)
     before = dict(state_tensors(trainer.model()))
     history = trainer.train()
     assert all(np.isfinite(h["loss"]) for h in history)
     after = dict(state_tensors(trainer.model()))
     assert all(v.dtype == np.float32 for v in after.values())
-    assert not np.array_equal(after["unet.conv_in.weight"], before["unet.conv_in.weight"])  # RGB base trains too
+    np.testing.assert_array_equal(after["unet.conv_in.weight"], before["unet.conv_in.weight"])  # frozen
+    assert not np.array_equal(after["jointnet.conv_in.weight"], before["jointnet.conv_in.weight"])

@@ -121,6 +121,14 @@ def _blockwise_attention(q, k, v, scale, upcast, q_block=_CPU_Q_BLOCK, k_block=_
     return out.astype(v.dtype).reshape(b, h, n, dv).transpose(0, 2, 1, 3)
 
 
+def _cudnn_supports(q, k) -> bool:
+    """cuDNN flash attention: half precision, head dim a multiple of 8 up to 128, and (for its backward pass)
+    sequence lengths that tile evenly; the 77-token text cross-attention therefore stays on XLA (measured on
+    an H100: "Unsupported sequence length Q 4096, KV 77" in the gradient)."""
+    d, n, m = q.shape[-1], q.shape[1], k.shape[1]
+    return q.dtype in (jnp.bfloat16, jnp.float16) and d % 8 == 0 and d <= 128 and n % 64 == 0 and m % 64 == 0
+
+
 def dot_product_attention(q, k, v, *, upcast=False, impl="auto"):
     """Attention over (B, N, H, D) inputs.
 
@@ -133,7 +141,7 @@ def dot_product_attention(q, k, v, *, upcast=False, impl="auto"):
         backend = jax.default_backend()
         if backend == "cpu":
             impl = "blockwise"
-        elif backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] <= 128:
+        elif backend == "gpu" and _cudnn_supports(q, k):
             impl = "cudnn"
         else:
             impl = "xla"

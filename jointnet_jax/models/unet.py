@@ -211,10 +211,16 @@ class UNet2DConditionModel(nnx.Module):
         self.remat = enabled
 
     def _block(self, block, *args, **static):
-        """Call a block, rematerialised when enabled (``static`` keyword args are not traced)."""
-        if self.remat:
-            return nnx.remat(lambda b, *a: b(*a, **static))(block, *args)
-        return block(*args, **static)
+        """Call a block, rematerialised when enabled (``static`` keyword args are not traced).
+
+        Remat goes through ``jax.checkpoint`` of a pure function of the block's state: ``nnx.remat`` refuses
+        modules whose parameters come from different traces, as when frozen and trainable partitions are
+        merged inside ``jax.grad``.
+        """
+        if not self.remat:
+            return block(*args, **static)
+        graphdef, state = nnx.split(block)
+        return jax.checkpoint(lambda s, *a: nnx.merge(graphdef, s)(*a, **static))(state, *args)
 
     def time_embed(self, t, batch):
         t = jnp.broadcast_to(jnp.asarray(t), (batch,))

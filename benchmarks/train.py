@@ -1,0 +1,524 @@
+"""Training speed and memory: stage-1 train step of the real ``Trainer`` (tiny config, or an SD2.1-base-shaped
+base with random weights) against a PyTorch proxy at the same shapes, in the same session.
+
+    python benchmarks/train.py --config tiny                                # CPU, tiny config, remat off and on
+    python benchmarks/train.py --config sd21 --resolution 128 --batch 1 --steps 2
+    python benchmarks/train.py --config sd21 --device gpu --resolution 512 --batch 4 --steps 5 --remat on
+
+JAX: ``Trainer(config, workdir)`` (stage 1: RGB branch frozen; dense branch + all exchange layers trained,
+AdamW, grad clip 1.0, VAE encode + text encoder inside the step), then ``trainer.compiled_step(batch)``
+(its compile time is reported separately, and its XLA cost analysis gives ``trainer.flops``), one warm-up
+step, then ``--steps`` timed steps on one batch from the trainer's own input pipeline (data loading is
+excluded). If ``grain``/``array_record`` cannot be imported (the Trainer needs them for data and checkpoints),
+the same train step is rebuilt from the library's pieces (``split_trainable``, ``make_optimizer``,
+``joint_loss``) and fed a synthetic in-memory batch of the pipeline's format; the record says
+``"path": "fallback"``.
+
+PyTorch proxy (``torch_twin_step``): two diffusers ``UNet2DConditionModel``s loaded from the same base
+folder, wired exactly like JointNet (each down path gets the other branch's noisy latent through a zero 3x3
+conv added to its conv_in output; each up path gets the other branch's skips and mid output through zero 1x1
+convs, 12 + 1 per branch for SD2.1), RGB UNet ``requires_grad_(False)``, dense UNet + all 2 x 14 exchange
+convs trained by ``torch.optim.AdamW`` (lr 1e-4, wd 1e-2) after ``clip_grad_norm_(1.0)``, eps-MSE on both
+branches at one shared timestep; the diffusers VAE encode (posterior sample) and the transformers CLIP text
+encoder run under ``no_grad`` inside the step. It omits the text drop, noise offset and per-example RNG
+plumbing (negligible cost). ``--remat on`` maps to diffusers' ``enable_gradient_checkpointing()``.
+
+The SD2.1-shaped base (``--config sd21``, written once into ``--base-dir``): the SD2.1-base UNet config
+(``twin_forward.SD21_UNET_CONFIG``), the SD VAE config (128/256/512/512 channels, factor 8) and the
+OpenCLIP-H text-encoder config (1024 wide, 23 layers, 16 heads), all with random weights; only the
+tokenizer is the tiny test BPE vocabulary (so the text embedding table is 58 x 1024 instead of 49408 x 1024).
+
+Peak memory: RSS high-water (VmHWM) of each measurement's own subprocess; on GPU also JAX's
+``peak_bytes_in_use`` / ``torch.cuda.max_memory_allocated``. MFU = trainer.flops / step time / the device's
+dense bf16 peak (``metrics.device_peak_flops``; none on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sample import machine, run_child  # noqa: E402
+from twin_forward import SD21_UNET_CONFIG, RandomTensors, emit, peak_rss_bytes, report, rss_bytes  # noqa: E402
+
+SD_VAE = {  # stabilityai/stable-diffusion-2-1-base vae/config.json
+    "_class_name": "AutoencoderKL",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 768,
+    "scaling_factor": 0.18215,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+OPENCLIP_H_TEXT = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16)
+OPENCLIP_H_TEXT |= dict(projection_dim=1024, hidden_act="gelu")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Base folders
+
+
+def write_random(model, folder: Path, config: dict, stem="diffusion_pytorch_model") -> None:
+    from jointnet_jax import weights
+
+    model = weights.fill(model, RandomTensors(model), source="random")
+    weights.save_folder(model, folder, config, stem=stem)
+
+
+def write_sd21_base(out: Path) -> Path:
+    """An SD2.1-base-shaped diffusers folder with random weights (see the module docstring)."""
+    import json
+    import shutil
+
+    from flax import nnx
+
+    from jointnet_jax import weights
+    from jointnet_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+    from jointnet_jax.models.unet import UNet2DConditionModel, UNetConfig
+    from jointnet_jax.models.vae import AutoencoderKL, VAEConfig
+    from jointnet_jax.tiny_base import SCHEDULER, text_config, write_tokenizer
+
+    if (out / "unet" / "config.json").is_file():
+        return out
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok = write_tokenizer(tmp / "tokenizer")
+    text = text_config(len(tok)) | OPENCLIP_H_TEXT
+    text_model = weights.abstract(lambda: CLIPTextModel(CLIPTextConfig.from_dict(text), rngs=nnx.Rngs(0)))
+    write_random(text_model, tmp / "text_encoder", text, stem="model")
+    write_random(
+        weights.abstract(lambda: AutoencoderKL(VAEConfig.from_dict(SD_VAE), rngs=nnx.Rngs(0))), tmp / "vae", SD_VAE
+    )
+    unet = weights.abstract(lambda: UNet2DConditionModel(UNetConfig.from_dict(SD21_UNET_CONFIG), rngs=nnx.Rngs(0)))
+    write_random(unet, tmp / "unet", SD21_UNET_CONFIG)
+    (tmp / "scheduler").mkdir()
+    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2) + "\n")
+    tmp.rename(out)
+    return out
+
+
+def base_folder(args) -> Path:
+    if args.config == "tiny":
+        from jointnet_jax.tiny_base import ensure_tiny_base
+
+        return ensure_tiny_base(args.base_dir)
+    return write_sd21_base(args.base_dir)
+
+
+def _stub_ml_collections() -> None:
+    """A stand-in for ``ml_collections.ConfigDict`` (attribute access over a dict: all configs/ needs), for a
+    machine without ml_collections; the config values still come from the project's own configs/."""
+    import types
+
+    class ConfigDict(dict):
+        def __getattr__(self, key):
+            try:
+                return self[key]
+            except KeyError as error:
+                raise AttributeError(key) from error
+
+        __setattr__ = dict.__setitem__
+
+        def to_dict(self):
+            return dict(self)
+
+    sys.modules["ml_collections"] = types.SimpleNamespace(ConfigDict=ConfigDict)
+
+
+def train_config(args):
+    try:
+        import ml_collections  # noqa: F401
+    except ImportError:
+        _stub_ml_collections()
+    from configs.sd21_depth import get_config
+
+    c = get_config("tiny")  # CPU-friendly data/checkpoint settings; the base decides the model size
+    c.base = str(args.base_dir)
+    c.batch_size = args.batch
+    c.remat = args.remat == "on"
+    c.compute_dtype = args.dtype
+    c.total_steps = 1_000_000
+    c.checkpoint_every = 1_000_000
+    c.export = False
+    c.data.resolution = args.resolution
+    c.data.synthetic_size = max(c.data.synthetic_size, args.resolution)
+    c.data.synthetic_num = max(4, args.batch)
+    return c
+
+
+# ---------------------------------------------------------------------------------------------------------
+# JAX child
+
+
+def fallback_step(config):
+    """The Trainer's stage-1 step rebuilt without grain/array_record (single device, donated state)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from jointnet_jax.diffusion.schedule import load_schedule
+    from jointnet_jax.models.clip_text import load_text_encoder, load_tokenizer
+    from jointnet_jax.models.jointnet import JointNet
+    from jointnet_jax.models.vae import load_vae
+    from jointnet_jax.pretrained import load_unet
+    from jointnet_jax.training.metrics import compiled_flops
+    from jointnet_jax.training.objective import LossSettings, joint_loss
+    from jointnet_jax.training.optimizer import make_optimizer
+    from jointnet_jax.training.partition import split_trainable
+
+    base, dtype = Path(config.base), {"fp32": jnp.float32, "bf16": jnp.bfloat16}[config.compute_dtype]
+    jn = JointNet.from_unet(load_unet(base / "unet", dtype=dtype))
+    jn.set_remat(config.remat)
+    graphdef, params, frozen = split_trainable(jn, config.stage)
+    vae_def, vae_state = nnx.split(load_vae(base / "vae", dtype=dtype))
+    text_def, text_state = nnx.split(load_text_encoder(base / "text_encoder", dtype=dtype))
+    tokenizer, schedule = load_tokenizer(base / "tokenizer"), load_schedule(base / "scheduler")
+    tx, _ = make_optimizer(config)
+    settings = LossSettings(config.modality, config.text_drop, config.noise_offset, config.stage)
+
+    def ids(texts):
+        out = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="np")
+        return jnp.asarray(out.input_ids, jnp.int32)
+
+    uncond = nnx.merge(text_def, text_state)(ids([""]))
+
+    def train_step(state, frozen, vae_state, text_state, uncond, batch):
+        step, params, opt_state = state
+        key = jax.random.fold_in(jax.random.key(config.seed), step)
+        vae, text_encoder = nnx.merge(vae_def, vae_state), nnx.merge(text_def, text_state)
+
+        def loss_of(p):
+            model = nnx.merge(graphdef, p, frozen)
+            return joint_loss(model, vae, text_encoder, schedule, uncond, batch, key, settings)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = jax.tree.map(lambda p, u: p + u.astype(p.dtype), params, updates)
+        return (step + 1, params, opt_state), dict(metrics, loss=loss)
+
+    b, r = config.batch_size, config.data.resolution
+    rng = np.random.default_rng(0)
+    batch = dict(
+        image=jnp.asarray(rng.uniform(-1, 1, (b, r, r, 3)).astype(np.float32)),  # InputPipeline._collate's format
+        depth=jnp.asarray(np.repeat(rng.uniform(-1, 1, (b, r, r, 1)), 3, -1).astype(np.float32)),
+        index=jnp.arange(b, dtype=jnp.int32),
+        input_ids=ids(["a red sphere"] * b),
+    )
+    state = (jnp.int32(0), params, jax.jit(tx.init)(params))
+    args = (state, frozen, vae_state, text_state, uncond, batch)
+    t0 = time.perf_counter()
+    compiled = jax.jit(train_step, donate_argnums=(0,)).lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    return compiled, state, args[1:], compiled_flops(compiled), compile_s
+
+
+def part_jax(args) -> None:
+    import jax
+    import numpy as np
+
+    if args.device == "cpu":
+        jax.config.update("jax_platforms", "cpu")
+    from jointnet_jax.training.metrics import device_peak_flops
+
+    if args.attention != "auto":  # benchmark-only override of the attention kernel (as in twin_forward.py)
+        from jointnet_jax.models import attention
+
+        original = attention.dot_product_attention
+        attention.dot_product_attention = lambda q, k, v, *, upcast=False, impl="auto": original(
+            q, k, v, upcast=upcast, impl=args.attention
+        )
+    config = train_config(args)
+    t0 = time.perf_counter()
+    try:
+        from jointnet_jax.training.trainer import Trainer
+
+        path = "trainer"
+    except ImportError as error:  # grain / array_record missing on this machine
+        path, reason = "fallback", repr(error)
+    if path == "trainer":
+        trainer = Trainer(config, tempfile.mkdtemp(prefix="bench_train_"))
+        batch = trainer._global_batch(next(trainer.data))
+        init_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        step_fn = trainer.compiled_step(batch)
+        compile_s, flops = time.perf_counter() - t0, trainer.flops
+        state, rest = trainer.state, (trainer.frozen, trainer.vae_state, trainer.text_state, trainer.uncond, batch)
+    else:
+        step_fn, state, rest, flops, compile_s = fallback_step(config)
+        init_s = time.perf_counter() - t0 - compile_s
+    rss_init = rss_bytes()
+    times, losses = [], []
+    for i in range(args.steps + 1):  # the first call is a warm-up
+        t0 = time.perf_counter()
+        state, metrics = step_fn(state, *rest)
+        losses.append(float(metrics["loss"]))
+        if i:
+            times.append(time.perf_counter() - t0)
+    step_s = float(np.median(times))
+    peak = device_peak_flops()
+    rec = dict(
+        part="train",
+        impl="jax",
+        path=path,
+        **common_fields(args),
+        init_s=round(init_s, 1),
+        compile_s=round(compile_s, 1),
+        step_s=round(step_s, 3),
+        all_s=[round(x, 3) for x in times],
+        examples_per_s=round(args.batch / step_s, 3),
+        tflops_per_step=flops and round(flops / 1e12, 3),
+        achieved_tflops=flops and round(flops / step_s / 1e12, 2),
+        mfu=(flops and peak) and round(flops / step_s / peak, 4),
+        finite=bool(np.isfinite(losses).all()),
+        rss_after_init_gb=round(rss_init / 1e9, 2),
+        peak_rss_gb=round(peak_rss_bytes() / 1e9, 2),
+        backend=jax.default_backend(),
+    )
+    if path == "fallback":
+        rec["fallback_reason"] = reason
+    if args.device == "gpu":
+        stats = jax.local_devices()[0].memory_stats() or {}
+        rec.update(peak_device_gb=round(stats.get("peak_bytes_in_use", 0) / 1e9, 2), gpu=jax.devices()[0].device_kind)
+    report(rec)
+
+
+def common_fields(args) -> dict:
+    return dict(
+        config=args.config,
+        resolution=args.resolution,
+        batch=args.batch,
+        remat=args.remat,
+        dtype=args.dtype,
+        device=args.device,
+        attention=getattr(args, "attention", "auto"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Torch child
+
+
+def torch_twin_step(base: Path, args):
+    """Returns ``step()`` (one proxy train step, synchronised) and the trainable parameter count."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    dev = "cuda" if args.device == "gpu" else "cpu"
+    dt = torch.float32 if args.dtype == "fp32" else torch.bfloat16  # weights stay fp32; autocast computes in dt
+    vae = AutoencoderKL.from_pretrained(base / "vae").to(dev).requires_grad_(False)
+    text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder").to(dev).requires_grad_(False)
+    rgb, dense = (UNet2DConditionModel.from_pretrained(base / "unet").to(dev) for _ in range(2))
+    rgb.requires_grad_(False)
+    if args.remat == "on":
+        rgb.enable_gradient_checkpointing()
+        dense.enable_gradient_checkpointing()
+    noise_schedule = DDPMScheduler.from_pretrained(base / "scheduler")
+
+    def zero(cin, cout, k):
+        conv = torch.nn.Conv2d(cin, cout, k, padding=k // 2)
+        torch.nn.init.zeros_(conv.weight)
+        torch.nn.init.zeros_(conv.bias)
+        return conv.to(dev)
+
+    def exchange(u):  # [3x3 from the other branch's latent, one 1x1 per skip, one 1x1 for the mid output]
+        ch = [u.config.block_out_channels[0]]
+        for blk in u.down_blocks:
+            ch += [r.out_channels for r in blk.resnets] + [d.out_channels for d in blk.downsamplers or []]
+        convs = [zero(u.config.in_channels, ch[0], 3), *(zero(c, c, 1) for c in ch), zero(ch[-1], ch[-1], 1)]
+        return torch.nn.ModuleList(convs)
+
+    ex_rgb, ex_dense = exchange(rgb), exchange(dense)
+
+    def down(u, ex, x, other, t, text):
+        temb = u.time_embedding(u.time_proj(t).to(x.dtype))
+        h = u.conv_in(x) + ex[0](other)
+        skips = [h]
+        for blk in u.down_blocks:
+            cross = getattr(blk, "has_cross_attention", False)
+            h, res = blk(h, temb, encoder_hidden_states=text) if cross else blk(h, temb)
+            skips += list(res)
+        h = u.mid_block(h, temb, encoder_hidden_states=text)
+        return h, skips, temb, [e(s) for e, s in zip(ex[1:-1], skips, strict=True)], ex[-1](h)
+
+    def up(u, h, skips, temb, text, res, mid):
+        h, skips = h + mid, [s + r for s, r in zip(skips, res, strict=True)]
+        for blk in u.up_blocks:
+            n = len(blk.resnets)
+            s, skips = tuple(skips[-n:]), skips[:-n]
+            cross = getattr(blk, "has_cross_attention", False)
+            h = blk(h, s, temb, encoder_hidden_states=text) if cross else blk(h, s, temb)
+        return u.conv_out(u.conv_act(u.conv_norm_out(h)))
+
+    trainable = [p for m in (dense, ex_rgb, ex_dense) for p in m.parameters()]
+    opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=1e-2)
+    b, r = args.batch, args.resolution
+    gen = torch.Generator().manual_seed(0)
+    images = (torch.rand(2 * b, 3, r, r, generator=gen) * 2 - 1).to(dev)  # [image; depth replicated to 3]
+    ids = torch.randint(0, text_encoder.config.vocab_size, (b, 77), generator=gen).to(dev)
+
+    def step():
+        with torch.autocast(dev, dt, enabled=dt != torch.float32):
+            with torch.no_grad():
+                latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
+                text = text_encoder(ids)[0]
+            x0, y0 = latents.float().chunk(2)
+            t = torch.randint(0, noise_schedule.config.num_train_timesteps, (b,), device=dev)
+            ex, ey = torch.randn_like(x0), torch.randn_like(y0)
+            xt, yt = noise_schedule.add_noise(x0, ex, t), noise_schedule.add_noise(y0, ey, t)
+            hr, sr, tr, sent_r, mid_r = down(rgb, ex_rgb, xt, yt, t, text)
+            hd, sd, td, sent_d, mid_d = down(dense, ex_dense, yt, xt, t, text)
+            eps_r = up(rgb, hr, sr, tr, text, sent_d, mid_d)
+            eps_d = up(dense, hd, sd, td, text, sent_r, mid_r)
+            loss = F.mse_loss(eps_r.float(), ex) + F.mse_loss(eps_d.float(), ey)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        return float(loss)
+
+    return step, sum(p.numel() for p in trainable)
+
+
+def part_torch(args) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    step, n_trainable = torch_twin_step(base_folder(args), args)
+    init_s = time.perf_counter() - t0
+    times, losses = [], []
+    for i in range(args.steps + 1):  # the first call is a warm-up
+        t0 = time.perf_counter()
+        losses.append(step())
+        if i:
+            times.append(time.perf_counter() - t0)
+    step_s = float(np.median(times))
+    rec = dict(
+        part="train",
+        impl="torch",
+        **common_fields(args),
+        init_s=round(init_s, 1),
+        step_s=round(step_s, 3),
+        all_s=[round(x, 3) for x in times],
+        examples_per_s=round(args.batch / step_s, 3),
+        trainable_params=n_trainable,
+        finite=bool(np.isfinite(losses).all()),
+        peak_rss_gb=round(peak_rss_bytes() / 1e9, 2),
+        threads=args.threads,
+    )
+    if args.device == "gpu":
+        rec["peak_device_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    report(rec)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parent
+
+
+def memory_needed_gb(config: str) -> float:
+    """fp32 training state of the twin: 1.755e9 parameters + 0.889e9 trainable x (grad + 2 Adam moments) +
+    VAE/text (0.42e9), x 1.25 for activations and XLA buffers. Parameters are float32 in every dtype."""
+    return 0.0 if config == "tiny" else 4 * (1.755e9 + 3 * 0.889e9 + 0.42e9) * 1.25 / 1e9
+
+
+def mem_available_gb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024 / 1e9
+    return float("inf")
+
+
+def table(records: list[dict]) -> str:
+    lines = [
+        "| config, resolution, batch, remat, dtype, device | impl | step (s) | examples/s | compile (s) "
+        "| TFLOP/step | MFU | peak RSS (GB) | peak device (GB) | load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in (r for r in records if r.get("part") == "train" and "step_s" in r):
+        impl = r["impl"] + (" (fallback)" if r.get("path") == "fallback" else "")
+        lines.append(
+            f"| {r['config']}, {r['resolution']}², {r['batch']}, {r['remat']}, {r['dtype']}, {r['device']} | {impl} "
+            f"| {r['step_s']} | {r['examples_per_s']} | {r.get('compile_s', '-')} | {r.get('tflops_per_step') or '-'} "
+            f"| {r.get('mfu') or '-'} | {r['peak_rss_gb']} | {r.get('peak_device_gb', '-')} | {r['load']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", choices=["tiny", "sd21"], nargs="+", default=["tiny"])
+    p.add_argument("--resolution", type=int, default=None, help="image side (default: tiny 32, sd21 128)")
+    p.add_argument("--batch", type=int, default=None, help="global batch (default: tiny 8, sd21 1)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--remat", choices=["off", "on"], nargs="+", default=["off", "on"])
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype (weights stay fp32)")
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--base-dir", type=Path, default=None, help="where the random base is written (kept)")
+    p.add_argument("--skip-torch", action="store_true")
+    p.add_argument(
+        "--attention",
+        default="auto",
+        choices=["auto", "xla", "cudnn", "blockwise", "reference"],
+        help="force the JAX attention kernel (auto picks cuDNN for bf16 on GPU)",
+    )
+    p.add_argument("--force", action="store_true", help="run even if MemAvailable looks too small")
+    p.add_argument("--part", choices=["jax", "torch"], help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.part:
+        args.config, args.remat = args.config[0], args.remat[0]
+        {"jax": part_jax, "torch": part_torch}[args.part](args)
+        return
+
+    emit(dict(part="start", script="train.py", argv=sys.argv[1:], **machine()))
+    t_start, records = time.perf_counter(), []
+    for config in args.config:
+        res = args.resolution or {"tiny": 32, "sd21": 128}[config]
+        batch = args.batch or {"tiny": 8, "sd21": 1}[config]
+        base = args.base_dir or Path(tempfile.gettempdir()) / f"jointnet_bench_base_{config}"
+        need, have = memory_needed_gb(config), mem_available_gb()
+        if need > have and not args.force:
+            rec = dict(
+                part="train", config=config, skipped=f"needs ~{need:.0f} GB host memory, {have:.1f} GB available"
+            )
+            emit(rec)
+            records.append(rec)
+            continue
+        t0 = time.perf_counter()
+        code = "import sys, train; from pathlib import Path; "
+        code += f"train.base_folder(train.argparse.Namespace(config={config!r}, base_dir=Path({str(base)!r})))"
+        import subprocess
+
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)  # writer's memory stays out
+        emit(dict(part="base", config=config, path=str(base), seconds=round(time.perf_counter() - t0, 1)))
+        for remat in args.remat:  # JAX and torch alternate, one subprocess each
+            child = ["--config", config, "--resolution", str(res), "--batch", str(batch), "--steps", str(args.steps)]
+            child += ["--remat", remat, "--dtype", args.dtype, "--device", args.device, "--base-dir", str(base)]
+            child += ["--threads", str(args.threads), "--attention", args.attention]
+            records += run_child(__file__, child + ["--part", "jax"])
+            if not args.skip_torch:
+                records += run_child(__file__, child + ["--part", "torch"])
+    emit(dict(part="done", seconds=round(time.perf_counter() - t_start, 1)))
+    print()
+    print(table(records))
+
+
+if __name__ == "__main__":
+    main()
