@@ -146,8 +146,9 @@ def test_resume_after_sigkill_reproduces_losses(stage1, tmp_path):
     np.testing.assert_allclose([h["loss"] for h in tail], expected, rtol=1e-5)
 
 
-def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
-    trainer = Trainer(_config(**{"total_steps": 50, "checkpoint_every": 100, "export": False}), tmp_path)
+def test_sigterm_saves_a_checkpoint_and_stops_and_samples_are_written(tmp_path):
+    c = _config(total_steps=50, checkpoint_every=100, export=False, sample_every=2, sample_steps=2)
+    trainer = Trainer(c, tmp_path)
     data = trainer.data
 
     class TermAfter:  # deliver a real SIGTERM to this process while the third batch is read
@@ -167,6 +168,12 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
     history = trainer.train()
     assert len(history) == 3
     assert trainer.manager.all_steps() == [3]
+    # sample_every=2: a fixed-prompt grid (one row per prompt: RGB | depth) was written at step 2.
+    from jointnet_jax.io_utils import read_image
+
+    grid = read_image(tmp_path / "samples" / "0000002.png")
+    res = c.data.resolution
+    assert grid.shape == (res * len(c.sample_prompts), 2 * res, 3)
 
 
 def test_init_from_official_checkpoint_stage3(official, tmp_path):
