@@ -226,7 +226,7 @@ def test_two_processes_match_one_process(stage1, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    trainer = Trainer(_config(), tmp_path)
+    trainer = Trainer(_config(async_checkpoints=True), tmp_path)  # the real configs' async saving
     trainer.train(num_steps=2)
     assert trainer.manager.all_steps() == [2]
     # Poison one trainable parameter: the next loss is NaN.
