@@ -25,37 +25,9 @@ import transformers
 from PIL import Image
 
 from jointnet_jax.data import label
-from jointnet_jax.data.depth_estimator import DepthEstimator
+from jointnet_jax.data.depth_estimator import DepthEstimator, tiny_hybrid_config
 
 TINY = 64
-
-
-def tiny_config() -> transformers.DPTConfig:
-    bit = transformers.BitConfig(
-        embedding_size=8,
-        hidden_sizes=[16, 32, 64],
-        depths=[1, 1, 1],
-        num_groups=4,
-        layer_type="bottleneck",
-        global_padding="same",
-        embedding_dynamic_padding=True,
-        out_features=["stage1", "stage2", "stage3"],
-    )
-    return transformers.DPTConfig(
-        is_hybrid=True,
-        backbone_config=bit,
-        backbone_featmap_shape=[1, 64, TINY // 16, TINY // 16],
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=TINY,
-        patch_size=16,
-        backbone_out_indices=[0, 0, 0, 1],
-        neck_hidden_sizes=[16, 32, 32, 32],
-        reassemble_factors=[1, 1, 1, 0.5],
-        fusion_hidden_size=16,
-    )
 
 
 def hybrid_config() -> transformers.DPTConfig:
@@ -118,7 +90,7 @@ def main() -> None:
     batch = images(args.images, args.size)
     results = {}
     with tempfile.TemporaryDirectory() as workdir:
-        tiny = save_model(tiny_config(), os.path.join(workdir, "tiny"))
+        tiny = save_model(tiny_hybrid_config(TINY), os.path.join(workdir, "tiny"))
         results["tiny_estimator_images_per_s"] = estimator_rate(tiny, batch, args.batch_size)
         results["tiny_pipeline"] = pipeline_rate(tiny, batch, args.batch_size, workdir)
         if args.hybrid:

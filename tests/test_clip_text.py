@@ -9,10 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 from safetensors.numpy import load_file, save_file
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 from jointnet_jax.models.clip_text import (  # noqa: E402
     CLIPTextConfig,

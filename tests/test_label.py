@@ -7,13 +7,12 @@ import json
 import os
 import tarfile
 
+import apache_beam  # noqa: F401 - a required test dependency
 import numpy as np
 import pytest
+import torch  # noqa: E402
+import transformers  # noqa: E402
 from PIL import Image
-
-pytest.importorskip("apache_beam")
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 from jointnet_jax.data import label, records  # noqa: E402
 from jointnet_jax.data.depth_estimator import (  # noqa: E402
@@ -21,39 +20,11 @@ from jointnet_jax.data.depth_estimator import (  # noqa: E402
     DPTForNormalEstimation,
     encode_normals,
     normalize_relative_inverse_depth,
+    tiny_hybrid_config,
 )
 
 TINY = 64  # model input size: a 4x4 patch grid after the BiT stem's 16x downsampling
 MIN_SIDE = 32
-
-
-def tiny_hybrid_config() -> transformers.DPTConfig:
-    """DPT-Hybrid layout (BiT backbone, 4 reassemble stages, 2 of them from the backbone) at toy sizes."""
-    bit = transformers.BitConfig(
-        embedding_size=8,
-        hidden_sizes=[16, 32, 64],
-        depths=[1, 1, 1],
-        num_groups=4,
-        layer_type="bottleneck",
-        global_padding="same",
-        embedding_dynamic_padding=True,
-        out_features=["stage1", "stage2", "stage3"],
-    )
-    return transformers.DPTConfig(
-        is_hybrid=True,
-        backbone_config=bit,
-        backbone_featmap_shape=[1, 64, TINY // 16, TINY // 16],
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=TINY,
-        patch_size=16,
-        backbone_out_indices=[0, 0, 0, 1],  # hybrid: entries [2:] pick the transformer layers
-        neck_hidden_sizes=[16, 32, 32, 32],
-        reassemble_factors=[1, 1, 1, 0.5],
-        fusion_hidden_size=16,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +37,7 @@ def model_dirs(tmp_path_factory) -> tuple[str, str]:
     )
     paths = []
     for name, model_class in (("depth", transformers.DPTForDepthEstimation), ("normal", DPTForNormalEstimation)):
-        model = model_class(tiny_hybrid_config())
+        model = model_class(tiny_hybrid_config(TINY))
         with torch.no_grad():  # a random head ends in a ReLU and barely varies: lift and spread its output
             model.head.head[-2].bias.fill_(0.5)
             model.head.head[-2].weight.mul_(300.0)

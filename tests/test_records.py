@@ -101,7 +101,8 @@ def test_shards_round_trip_and_random_access(tmp_path):
 
 
 def test_reader_works_as_grain_source(tmp_path):
-    grain = pytest.importorskip("grain")
+    import grain
+
     records.write_shards([_example(f"k{i}") for i in range(4)], tmp_path, "g", num_shards=2)
     dataset = grain.MapDataset.source(records.RecordReader(tmp_path)).map(lambda e: e.key)
     assert sorted(dataset) == ["k0", "k1", "k2", "k3"]
@@ -140,7 +141,7 @@ def test_killed_writer_leaves_no_final_file_and_reader_ignores_temp(tmp_path):
 
 
 def test_record_bytes_match_tfds_serialisation():
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds
     from tensorflow_datasets.proto import tf_example_pb2
 
     from jointnet_jax.data import tfds_builder
@@ -154,7 +155,8 @@ def test_record_bytes_match_tfds_serialisation():
 
 
 def test_tfds_data_source_reads_written_dataset(tmp_path):
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds
+
     from jointnet_jax.data import tfds_builder
 
     examples = [synthetic.make_example(i, 16) for i in range(5)]
@@ -175,7 +177,8 @@ def test_tfds_data_source_reads_written_dataset(tmp_path):
 
 
 def test_tfds_builder_prepares_without_tensorflow(tmp_path):
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds
+
     from jointnet_jax.data import tfds_builder
 
     builder = tfds_builder.SyntheticRgbd(data_dir=tmp_path, config="tiny", file_format="array_record")

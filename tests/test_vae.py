@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 
+import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from flax import nnx
 from safetensors.numpy import load_file, save_file
-
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
 
 from jointnet_jax.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig, load_vae  # noqa: E402
 from jointnet_jax.weights import WeightsError, abstract  # noqa: E402

@@ -129,3 +129,37 @@ class DepthEstimator:
             else:
                 labels.append((label, None))
         return labels
+
+
+def tiny_hybrid_config(image_size: int = 64):
+    """DPT-Hybrid layout (BiT backbone, 4 reassemble stages, 2 of them from the backbone) at toy sizes,
+    for tests and benchmarks that must run without the hub (random weights). ``image_size``: the model input
+    side, a multiple of 16 (the BiT stem downsamples 16x)."""
+    import transformers
+
+    TINY = image_size  # noqa: N806
+    bit = transformers.BitConfig(
+        embedding_size=8,
+        hidden_sizes=[16, 32, 64],
+        depths=[1, 1, 1],
+        num_groups=4,
+        layer_type="bottleneck",
+        global_padding="same",
+        embedding_dynamic_padding=True,
+        out_features=["stage1", "stage2", "stage3"],
+    )
+    return transformers.DPTConfig(
+        is_hybrid=True,
+        backbone_config=bit,
+        backbone_featmap_shape=[1, 64, TINY // 16, TINY // 16],
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=TINY,
+        patch_size=16,
+        backbone_out_indices=[0, 0, 0, 1],  # hybrid: entries [2:] pick the transformer layers
+        neck_hidden_sizes=[16, 32, 32, 32],
+        reassemble_factors=[1, 1, 1, 0.5],
+        fusion_hidden_size=16,
+    )
