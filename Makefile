@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test lint format bench clean
+.PHONY: install test demo lint format bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -12,6 +12,10 @@ install: $(PY)
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The embedded CPU demo: train, sample, evaluate; report in runs/demo/report/ (~15 min on 2 cores).
+demo: install
+	$(PY) -m jointnet_jax.demo --out runs/demo
 
 lint: install
 	$(VENV)/bin/ruff check jointnet_jax tests benchmarks configs

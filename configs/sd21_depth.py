@@ -4,7 +4,7 @@ python -m jointnet_jax.train --config configs/sd21_depth.py --workdir DIR --conf
 python -m jointnet_jax.train --config configs/sd21_depth.py:tiny --workdir DIR      # CPU-sized
 """
 
-from configs.common import base_config, tiny
+from jointnet_jax.training.config import base_config, tiny
 
 
 def get_config(arg: str = ""):

@@ -1,6 +1,6 @@
 """Stage 2: everything trains at lr 1e-5 with 50% text drop, starting from a stage-1 export."""
 
-from configs.common import base_config, tiny
+from jointnet_jax.training.config import base_config, tiny
 
 
 def get_config(arg: str = ""):

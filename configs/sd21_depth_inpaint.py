@@ -1,7 +1,7 @@
 """Stage 3: as stage 2 plus the zero-initialised masked-latent conv and per-example masks (rgb2j, j2rgb,
 box, none). Set ``init_from`` to the stage-2 export (or the released rgbd_finetune_sd21b)."""
 
-from configs.common import base_config, tiny
+from jointnet_jax.training.config import base_config, tiny
 
 
 def get_config(arg: str = ""):

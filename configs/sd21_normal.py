@@ -1,6 +1,6 @@
 """Stage 1 for surface normals (Omnidata labels in the records' ``normal`` field)."""
 
-from configs.common import base_config, tiny
+from jointnet_jax.training.config import base_config, tiny
 
 
 def get_config(arg: str = ""):

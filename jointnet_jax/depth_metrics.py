@@ -112,15 +112,28 @@ def depth_metrics(
         pred[valid], gt_disp, num_subsets=num_subsets, subset_fraction=subset_fraction, seed=seed
     )
     floor = gt_disp.min() if min_disparity is None else min_disparity
-    disp = np.maximum(scale * pred[valid] + shift, floor)
-    d_pred = 1.0 / disp
+    return {**_scores(np.maximum(scale * pred[valid] + shift, floor), gt_d), "scale": scale, "shift": shift}
+
+
+def _scores(disp: np.ndarray, gt_d: np.ndarray) -> dict[str, float]:
+    """The metrics of aligned disparities ``disp`` against GT depths ``gt_d`` (valid pixels only)."""
+    d_pred, gt_disp = 1.0 / disp, 1.0 / gt_d
     return {
         "absrel": float(np.mean(np.abs(d_pred - gt_d) / gt_d)),
         "rmse_disp": float(np.sqrt(np.mean((disp - gt_disp) ** 2))),
         "delta1": float(np.mean(np.maximum(d_pred / gt_d, gt_d / d_pred) < 1.25)),
-        "scale": scale,
-        "shift": shift,
     }
+
+
+def constant_depth_metrics(gt_depth: np.ndarray) -> dict[str, float]:
+    """The reference a depth predictor must beat: one constant for the whole image, at its best
+    alignment (the least-squares fit of a constant is the mean GT disparity over the valid pixels)."""
+    gt = np.asarray(gt_depth, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        gt_d = gt[np.isfinite(gt) & (gt > 0)]
+    if gt_d.size == 0:
+        raise ValueError("ground truth has no valid (finite, > 0) pixels")
+    return _scores(np.full_like(gt_d, np.mean(1.0 / gt_d)), gt_d)
 
 
 def read_gt_depth(path) -> np.ndarray:

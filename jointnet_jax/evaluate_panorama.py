@@ -1,5 +1,6 @@
 """Panorama coherence (paper §5.3, Table 2): intra-LPIPS and wall time per panorama for non-tiled
-generation, MultiDiffusion and our tiling, over a prompt list.
+generation, MultiDiffusion and our tiling (with the official full-canvas full view and with the paper's
+resized one), over a prompt list.
 
 Intra-LPIPS (SyncDiffusion's protocol, Lee et al. 2023): the panorama is cut into non-overlapping square
 crops as high as the image (4 for 2048x512), LPIPS is computed for every pair (6) and averaged; lower means
@@ -22,7 +23,18 @@ from pathlib import Path
 
 import numpy as np
 
-METHODS = {"non-tiled": "none", "multidiffusion": "multidiffusion", "ours": "ours"}  # Table 2 row -> tiling
+from jointnet_jax.io_utils import atomic_write
+
+# Table 2 row -> (tiling preset, overrides). "ours (resized full view)" is the paper's wording of the full
+# view (the canvas resized to one tile); "ours" follows the official code (the full canvas).
+METHODS = {
+    "non-tiled": ("none", {}),
+    "multidiffusion": ("multidiffusion", {}),
+    "ours": ("ours", {}),
+    "ours (resized full view)": ("ours", {"full_view_resize": True}),
+}
+# Smallest crop side each ``lpips`` backbone accepts (measured; smaller crops pool to nothing).
+LPIPS_MIN_SIDE = {"alex": 31, "vgg": 16, "squeeze": 17}
 
 
 def crops(image) -> list[np.ndarray]:
@@ -52,7 +64,12 @@ def lpips_distance(weights, net: str = "alex"):
     model.load_state_dict(torch.load(weights, map_location="cpu"))
 
     def distance(a, b):
-        a, b = (torch.from_numpy(np.asarray(x, np.float32)).permute(2, 0, 1)[None] * 2 - 1 for x in (a, b))
+        if min(a.shape[:2]) < LPIPS_MIN_SIDE.get(net, 0):
+            raise ValueError(
+                f"LPIPS ({net}) needs crops of at least {LPIPS_MIN_SIDE[net]} px; these are {a.shape[0]}x{a.shape[1]} "
+                "(the panorama's height): generate a larger panorama"
+            )
+        a, b = (torch.from_numpy(np.array(x, np.float32)).permute(2, 0, 1)[None] * 2 - 1 for x in (a, b))
         with torch.no_grad():
             return float(model(a, b))
 
@@ -63,12 +80,13 @@ def evaluate(pipe, prompts, samples: int, distance=None, **settings) -> dict:
     """Per method: wall time per panorama (after a compile run) and intra-LPIPS (when ``distance`` is
     given), averaged over ``samples`` seeds per prompt."""
     results = {}
-    for method, mode in METHODS.items():
-        pipe.panorama(prompts[0], tiling=mode, progress=False, **settings)  # compile
+    for method, (mode, overrides) in METHODS.items():
+        tiling = pipe.native_tiling(mode, **overrides)
+        pipe.panorama(prompts[0], tiling=tiling, progress=False, **settings)  # compile
         times, scores = [], []
         for prompt, seed in itertools.product(prompts, range(samples)):
             start = time.perf_counter()
-            out = pipe.panorama(prompt, tiling=mode, seed=seed, progress=False, **settings)
+            out = pipe.panorama(prompt, tiling=tiling, seed=seed, progress=False, **settings)
             times.append(time.perf_counter() - start)
             if distance is not None:
                 scores.append(intra_lpips(out["rgb"][0], distance))
@@ -104,7 +122,8 @@ def main(argv=None) -> int:
     except (OSError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    text = json.dumps(results, indent=2) + "\n"
+    atomic_write(args.out, lambda tmp: tmp.write_text(text))
     print("| setting | time per panorama (s) | intra-LPIPS |\n|---|---|---|")
     for method, r in results.items():
         print(f"| {method} | {r['time_s']:.2f} | {r['intra_lpips'] if r['intra_lpips'] is not None else '-'} |")

@@ -58,6 +58,18 @@ UNET_2LEVEL = {
     "layers_per_block": 1,
     "attention_head_dim": [2, 4],
 }
+# A small pixel-space text-to-image UNet (32x32 RGB, DeepFloyd-IF-like): the base model of the CPU demo.
+UNET_PIXEL = {
+    "sample_size": 32,
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "attention_head_dim": [4, 4],
+    "norm_num_groups": 8,
+}
 SCHEDULER = {  # stabilityai/stable-diffusion-2-1-base scheduler_config.json
     "_class_name": "DDIMScheduler",
     "beta_end": 0.012,
@@ -111,8 +123,10 @@ def text_config(vocab_size: int) -> dict:
     }
 
 
-def write_tiny_base(out, *, seed: int = 0, unet: dict | None = None) -> Path:
-    """Write the folder atomically (built in a temporary sibling, then renamed) and return its path."""
+def write_tiny_base(out, *, seed: int = 0, unet: dict | None = None, vae: bool = True) -> Path:
+    """Write the folder atomically (built in a temporary sibling, then renamed) and return its path.
+    ``unet`` overrides UNet config keys; ``vae=False`` writes a pixel-space base (no vae/; give ``unet``
+    3 input and output channels)."""
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists; remove it or choose another --out")
@@ -125,7 +139,8 @@ def write_tiny_base(out, *, seed: int = 0, unet: dict | None = None) -> Path:
         weights.save_folder(
             CLIPTextModel(CLIPTextConfig.from_dict(text), rngs=rngs), tmp / "text_encoder", text, stem="model"
         )
-        weights.save_folder(AutoencoderKL(VAEConfig.from_dict(VAE), rngs=rngs), tmp / "vae", VAE)
+        if vae:
+            weights.save_folder(AutoencoderKL(VAEConfig.from_dict(VAE), rngs=rngs), tmp / "vae", VAE)
         unet_cfg = {**UNET, **(unet or {})}
         weights.save_folder(UNet2DConditionModel(UNetConfig.from_dict(unet_cfg), rngs=rngs), tmp / "unet", unet_cfg)
         (tmp / "scheduler").mkdir()
@@ -137,10 +152,12 @@ def write_tiny_base(out, *, seed: int = 0, unet: dict | None = None) -> Path:
     return out
 
 
-def ensure_tiny_base(out, *, seed: int = 0, unet: dict | None = None) -> Path:
+def ensure_tiny_base(out, *, seed: int = 0, unet: dict | None = None, vae: bool = True) -> Path:
     """The tiny base at ``out``, written first if it does not exist yet."""
     out = Path(out)
-    return out if (out / "unet" / "config.json").is_file() else write_tiny_base(out, seed=seed, unet=unet)
+    if (out / "unet" / "config.json").is_file():
+        return out
+    return write_tiny_base(out, seed=seed, unet=unet, vae=vae)
 
 
 def main(argv=None):

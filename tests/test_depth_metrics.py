@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jointnet_jax import depth_metrics as depth_metrics_module
 from jointnet_jax import io_utils
 from jointnet_jax.depth_metrics import align_disparity, depth_metrics, evaluate_depth_folder
 
@@ -103,3 +104,14 @@ def test_evaluate_folder(tmp_path):
     np.save(gt_dir / "d.npy", gt_depth)
     with pytest.raises(ValueError, match=r"without GT.*c.*without predictions.*d"):
         evaluate_depth_folder(pred_dir, gt_dir)
+
+
+def test_constant_depth_baseline():
+    # GT depths [1, 1, 0.5, 0.5]: disparities [1, 1, 2, 2], mean 1.5 -> predicted depth 2/3 everywhere.
+    gt = np.array([[1.0, 1.0], [0.5, 0.5]])
+    m = depth_metrics_module.constant_depth_metrics(gt)
+    assert m["absrel"] == pytest.approx((1 / 3 + 1 / 3 + 1 / 3 + 1 / 3) / 4)  # |2/3 - 1| / 1 = |2/3 - 1/2| / (1/2)
+    assert m["rmse_disp"] == pytest.approx(0.5)
+    assert m["delta1"] == 0.0  # ratios 1.5 and 4/3, both >= 1.25
+    with pytest.raises(ValueError, match="no valid"):
+        depth_metrics_module.constant_depth_metrics(np.full((2, 2), np.inf))

@@ -368,11 +368,16 @@ def caption(scene: Scene) -> str:
     return " ".join(parts) if parts else "an empty room"
 
 
+def scene_buffers(index: int, size: int = 64, *, seed: int = 0) -> tuple[Scene, RenderBuffers]:
+    """Scene ``index`` of the dataset with base ``seed`` and its exact buffers (metric z-depth included,
+    which evaluation needs and the records, holding normalised inverse depth, do not keep)."""
+    scene = random_scene(np.random.default_rng([seed, index]))
+    return scene, render_buffers(scene, size)
+
+
 def make_example(index: int, size: int = 64, *, seed: int = 0) -> records.Example:
     """Example ``index`` of the synthetic dataset with base ``seed``; fully deterministic."""
-    rng = np.random.default_rng([seed, index])
-    scene = random_scene(rng)
-    buffers = render_buffers(scene, size)
+    scene, buffers = scene_buffers(index, size, seed=seed)
     normal = np.round((np.clip(buffers.normal, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
     return records.Example(
         key=f"synthetic-{seed}-{index:08d}",

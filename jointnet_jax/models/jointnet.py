@@ -134,6 +134,16 @@ class JointNet(nnx.Module):
     def masked_input(self) -> bool:
         return self.unet.masked_input and self.jointnet.masked_input
 
+    @property
+    def config(self) -> UNetConfig:
+        """The RGB branch's UNet config (geometry: downsampling, native sample size)."""
+        return self.unet.config
+
+    @property
+    def channels(self) -> tuple[int, int]:
+        """(RGB, dense) channels of the joint latent: 4 + 4 for SD, 3 + 1 for pixel-space depth."""
+        return self.unet.config.in_channels, self.jointnet.config.in_channels
+
     def forward_with_residuals(self, x_rgb, x_dense, t, text, cond_rgb=None, cond_dense=None):
         """The official ``denoiseV2``; also returns what each branch sends (for tests and analysis)."""
         r_sent, r_mid, r_ctx = self.unet.encode(x_rgb, x_dense, t, text, cond_rgb, cond_dense)
@@ -167,25 +177,30 @@ class JointNet(nnx.Module):
         in_channels=None,
         joint_in_channels=None,
         out_channels=None,
+        dense_channels=None,
     ) -> JointNet:
         """Both branches copied from ``unet``; exchange layers zero (official ``JointNetModel.from_unet``).
 
         A smaller ``in_channels``/``out_channels`` keeps the first input channels of conv_in and the first
         output rows of conv_out (first rows of each half for learned-variance UNets); larger raises.
+        ``dense_channels`` shrinks only the dense branch that way (pixel-space depth: RGB 3, depth 1); each
+        branch's ``joint_in_channels`` is then the other branch's channel count.
         """
         base = unet.config
         cin = in_channels or base.in_channels
         cout = out_channels or base.out_channels
-        if cin > base.in_channels or cout > base.out_channels:
+        dense_in = dense_out = dense_channels
+        if dense_channels is None:
+            dense_in, dense_out = cin, cout
+        if max(cin, dense_in) > base.in_channels or max(cout, dense_out) > base.out_channels:
             raise ValueError(
                 f"from_unet can only keep or shrink channels (base in/out {base.in_channels}/{base.out_channels},"
-                f" asked {cin}/{cout})"
+                f" asked {cin}/{cout}, dense {dense_in}/{dense_out})"
             )
-        cfg = base.replace(in_channels=cin, out_channels=cout)
         base_tensors = dict(weights.state_tensors(unet))
         learned_var = base.out_channels == 2 * base.in_channels
 
-        def take(key):
+        def take(key, cin, cout):
             value = base_tensors[key]
             if key == "conv_in.weight":
                 value = value[:, :cin]
@@ -197,17 +212,22 @@ class JointNet(nnx.Module):
                     value = value[:cout]
             return value
 
+        rgb_joint_in = dense_joint_in = joint_in_channels
+        if dense_channels is not None:
+            rgb_joint_in, dense_joint_in = dense_in, cin
         model = weights.abstract(
             lambda: cls(
-                cfg,
-                rgb_joint_in=joint_in_channels,
-                dense_joint_in=joint_in_channels,
+                base.replace(in_channels=cin, out_channels=cout),
+                base.replace(in_channels=dense_in, out_channels=dense_out),
+                rgb_joint_in=rgb_joint_in,
+                dense_joint_in=dense_joint_in,
                 masked_input=masked_input,
                 dtype=unet.dtype,
                 rngs=nnx.Rngs(0),
             )
         )
-        tensors = {f"{b}.{k}": take(k) for b in BRANCHES for k in base_tensors}
+        sizes = {"unet": (cin, cout), "jointnet": (dense_in, dense_out)}
+        tensors = {f"{b}.{k}": take(k, *sizes[b]) for b in BRANCHES for k in base_tensors}
         return weights.fill(
             model,
             tensors,

@@ -31,7 +31,7 @@ def _tick(_):
 
 @dataclass(frozen=True)
 class LoopInputs:
-    """Per-run arrays of the loop (all NHWC, joint latents = RGB 4 | dense 4 channels).
+    """Per-run arrays of the loop (all NHWC, joint latents = RGB | dense channels, 4 + 4 for SD).
 
     ``x``: starting latents (noise, or noised known latents for SDEdit); ``noise``: the fixed noise used to
     re-noise known regions at every step (the official code reuses the initial noise); ``known``: clean
@@ -55,8 +55,8 @@ jax.tree_util.register_dataclass(
 
 
 def guided_eps(model, x, t, text, cond_rgb, cond_dense, guidance_scale, guidance_rescale, guided: bool):
-    """Both branches on the [uncond; cond] batch, then classifier-free guidance over all 8 channels."""
-    n_rgb = model.unet.config.in_channels
+    """Both branches on the [uncond; cond] batch, then classifier-free guidance over all channels."""
+    n_rgb = model.channels[0]
     if guided:
         x = jnp.concatenate([x, x])
         cond_rgb = None if cond_rgb is None else jnp.concatenate([cond_rgb, cond_rgb])

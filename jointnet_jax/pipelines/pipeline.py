@@ -2,9 +2,11 @@
 
 Encoding and decoding follow the official code (spec §3): depth is normalised inverse depth in [0, 1]
 (near = bright), fed as a gray image replicated to 3 channels through the RGB VAE; inputs are encoded with
-a posterior *sample* scaled by the VAE's scaling factor; each 4-channel half is decoded separately and the
-dense half keeps channel 0 (depth) or all 3 (normals). All denoising goes through ``loop.denoise``; tiled
-tasks (panorama, refine, panorama inpainting) pass it a static ``tiles.TileGrid``.
+a posterior *sample* scaled by the VAE's scaling factor; each half of the joint latent is decoded
+separately and the dense half keeps channel 0 (depth) or all 3 (normals). Pixel-space models (no VAE,
+``vae=None``) use one ``PixelSpace`` codec per branch instead (RGB 3 channels, depth 1). All denoising
+goes through ``loop.denoise``; tiled tasks (panorama, refine, panorama inpainting) pass it a static
+``tiles.TileGrid``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from jointnet_jax.diffusion.schedule import NoiseSchedule, load_schedule
 from jointnet_jax.models.clip_text import load_text_encoder, load_tokenizer
 from jointnet_jax.models.functional import compiled
 from jointnet_jax.models.jointnet import JointNet
+from jointnet_jax.models.pixel_space import branch_codecs
 from jointnet_jax.models.vae import load_vae
 from jointnet_jax.pipelines import loop
 from jointnet_jax.pipelines.tasks import latent_mask, task_masks
@@ -58,24 +61,29 @@ class Pipeline:
     def __init__(
         self, jointnet: JointNet, vae, text_encoder, tokenizer, schedule: NoiseSchedule, *, modality: str = "depth"
     ):
+        """``jointnet``: a ``JointNet`` (or anything with its call signature, ``channels``, ``config`` and
+        ``masked_input``, e.g. ``DirectExtend``); ``vae``: an ``AutoencoderKL``, or None for pixel space."""
         if modality not in ("depth", "normal"):
             raise ValueError(f"modality must be 'depth' or 'normal', not {modality!r}")
         self.jointnet, self.vae, self.text_encoder, self.tokenizer = jointnet, vae, text_encoder, tokenizer
         self.schedule, self.modality = schedule, modality
+        self.channels = jointnet.channels
+        self.codecs = branch_codecs(vae, *self.channels)
         self._graphdef, self._state = nnx.split(jointnet)
-        self._encode = compiled(vae, "encode")
-        self._decode = compiled(vae, "decode")
+        self._encode = [compiled(c, "encode") for c in self.codecs]
+        self._decode = [compiled(c, "decode") for c in self.codecs]
         self._text = compiled(text_encoder)
 
     @classmethod
     def from_pretrained(cls, base, model, *, dtype=jnp.float32, modality="depth") -> Pipeline:
-        """``base``: an SD2.1-base-style diffusers folder (vae/ text_encoder/ tokenizer/ scheduler/);
-        ``model``: an official-layout JointNet folder (unet/ + jointnet/) or a loaded ``JointNet``."""
+        """``base``: an SD2.1-base-style diffusers folder (vae/ text_encoder/ tokenizer/ scheduler/; without
+        vae/ the model is pixel-space); ``model``: an official-layout JointNet folder (unet/ + jointnet/) or a
+        loaded model."""
         base = Path(base)
-        jn = model if isinstance(model, JointNet) else load_jointnet(model, dtype=dtype)
+        jn = load_jointnet(model, dtype=dtype) if isinstance(model, str | Path) else model
         return cls(
             jn,
-            load_vae(base / "vae", dtype=dtype),
+            load_vae(base / "vae", dtype=dtype) if (base / "vae").exists() else None,
             load_text_encoder(base / "text_encoder", dtype=dtype),
             load_tokenizer(base / "tokenizer"),
             load_schedule(base / "scheduler"),
@@ -87,15 +95,15 @@ class Pipeline:
 
     @property
     def vae_factor(self) -> int:
-        return self.vae.scale_factor
+        return self.codecs[0].scale_factor
 
     @property
     def size_multiple(self) -> int:
         """Image sides must be multiples of the VAE factor times the UNet's total downsampling."""
-        return self.vae_factor * 2 ** (len(self.jointnet.unet.config.block_out_channels) - 1)
+        return self.vae_factor * 2 ** (len(self.jointnet.config.block_out_channels) - 1)
 
     def default_size(self) -> int:
-        return (self.jointnet.unet.config.sample_size or 64) * self.vae_factor
+        return (self.jointnet.config.sample_size or 64) * self.vae_factor
 
     def _check_size(self, height, width):
         m = self.size_multiple
@@ -115,18 +123,22 @@ class Pipeline:
         emb = self._text(jnp.asarray(ids, jnp.int32))
         return emb[jnp.asarray([unique.index(p) for p in prompts])]
 
-    def encode_images(self, images, key) -> jax.Array:
-        """Images (B, H, W, 3) in [0, 1] -> scaled latents from a posterior sample (official)."""
-        posterior = self._encode(jnp.asarray(images) * 2 - 1)
-        return posterior.sample(key) * self.vae.scaling_factor
+    def encode_images(self, images, key, branch: int = 0) -> jax.Array:
+        """Images (B, H, W, 3) in [0, 1] -> scaled latents of ``branch`` (0 RGB, 1 dense) from a posterior
+        sample (official)."""
+        posterior = self._encode[branch](jnp.asarray(images) * 2 - 1)
+        return posterior.sample(key) * self.codecs[branch].scaling_factor
 
-    def decode_latents(self, latents, wrap: bool = False) -> np.ndarray:
-        """Scaled latents (B, h, w, 4) -> images (B, H, W, 3) in [0, 1]. ``wrap``: a 360° canvas is decoded
-        with its opposite columns attached on each side, then cropped, so the seam has no border effects."""
+    def decode_latents(self, latents, wrap: bool = False, branch: int = 0) -> np.ndarray:
+        """Scaled latents (B, h, w, C) of ``branch`` -> images (B, H, W, 3) in [0, 1]. ``wrap``: a 360°
+        canvas is decoded with its opposite columns attached on each side, then cropped, so the seam has no
+        border effects."""
         pad = min(WRAP_DECODE_COLUMNS, latents.shape[2]) if wrap else 0
         if pad:
             latents = jnp.concatenate([latents[:, :, -pad:], latents, latents[:, :, :pad]], axis=2)
-        images = np.asarray(jnp.clip(self._decode(latents / self.vae.scaling_factor) / 2 + 0.5, 0, 1), np.float32)
+        codec = self.codecs[branch]
+        images = self._decode[branch](latents / codec.scaling_factor)
+        images = np.asarray(jnp.clip(images / 2 + 0.5, 0, 1), np.float32)
         cut = pad * self.vae_factor
         return images[:, :, cut : images.shape[2] - cut]
 
@@ -156,7 +168,7 @@ class Pipeline:
 
     def native_tiling(self, mode: str = "ours", tile: int | None = None, **overrides) -> Tiling | None:
         """A tiling preset (``tiles.Tiling.preset``); the tile defaults to the UNet's native latent size."""
-        return Tiling.preset(mode, tile or self.jointnet.unet.config.sample_size or 64, **overrides)
+        return Tiling.preset(mode, tile or self.jointnet.config.sample_size or 64, **overrides)
 
     def panorama(self, prompts, *, tiling: Tiling | str | None = "ours", settings: SampleSettings | None = None, **kw):
         """Text -> RGBD panorama, tile-based (paper §5.3). Default size: the native height and 4x the native
@@ -249,7 +261,8 @@ class Pipeline:
         key_noise, key_vae, key_loop = jax.random.split(jax.random.key(s.seed), 3)
         f = self.vae_factor
         h, w = height // f, width // f
-        noise = self._initial_noise(init_noise, key_noise, (b, h, w, 8))
+        c_rgb, c_dense = self.channels
+        noise = self._initial_noise(init_noise, key_noise, (b, h, w, c_rgb + c_dense))
         sampler = self.sampler(s.scheduler, s.steps, float(s.strength), float(s.eta))
 
         known = None
@@ -270,16 +283,14 @@ class Pipeline:
                 raise ValueError(f"task {task!r} needs an input image")
             if task in ("image", "inpaint", "refine") and depth is None:
                 raise ValueError(f"task {task!r} needs an input {self.modality} map")
-            latents = self.encode_images(np.concatenate([rgb_in, dense_in]), key_vae)
-            known = jnp.concatenate([latents[:b], latents[b:]], axis=-1)
+            known = self._encode_known(rgb_in, dense_in, key_vae)
         lm_rgb = jnp.asarray(latent_mask(m_rgb, f))[..., None]
         lm_dense = jnp.asarray(latent_mask(m_dense, f))[..., None]
-        generate = jnp.concatenate([jnp.repeat(lm_rgb, 4, -1), jnp.repeat(lm_dense, 4, -1)], axis=-1)
+        generate = jnp.concatenate([jnp.repeat(lm_rgb, c_rgb, -1), jnp.repeat(lm_dense, c_dense, -1)], axis=-1)
         cond_rgb = cond_dense = None
         if masked:
-            zeros = jnp.zeros((b, h, w, 4))
-            kr = known[..., :4] if known is not None else zeros
-            kd = known[..., 4:] if known is not None else zeros
+            given = known if known is not None else jnp.zeros((b, h, w, c_rgb + c_dense))
+            kr, kd = given[..., :c_rgb], given[..., c_rgb:]
             cond_rgb = jnp.concatenate([lm_rgb, (lm_rgb < 0.5) * kr], axis=-1)
             cond_dense = jnp.concatenate([lm_dense, (lm_dense < 0.5) * kd], axis=-1)
         x = noise * sampler.init_noise_sigma if s.strength == 1.0 else sampler.add_noise_at(known, noise, 0)
@@ -312,9 +323,8 @@ class Pipeline:
                 tiling=grid,
             )
         wrap = grid is not None and grid.tiling.wrap
-        decoded = self.decode_latents(jnp.concatenate([latents[..., :4], latents[..., 4:]]), wrap=wrap)
-        out = {"rgb": decoded[:b], "latents": np.asarray(latents)}
-        dense = decoded[b:]
+        out = {"rgb": self.decode_latents(latents[..., :c_rgb], wrap, 0), "latents": np.asarray(latents)}
+        dense = self.decode_latents(latents[..., c_rgb:], wrap, 1)
         if self.modality == "depth":
             out["depth"] = dense[..., 0]
         else:
@@ -322,6 +332,14 @@ class Pipeline:
         return out
 
     # -------------------------------------------------------------------------------------------------
+
+    def _encode_known(self, rgb, dense, key) -> jax.Array:
+        """Known inputs -> one joint latent. A shared VAE encodes both halves as one batch (official)."""
+        if self.codecs[0] is self.codecs[1]:
+            latents = self.encode_images(np.concatenate([rgb, dense]), key)
+            return jnp.concatenate(jnp.split(latents, 2), axis=-1)
+        k_rgb, k_dense = jax.random.split(key)
+        return jnp.concatenate([self.encode_images(rgb, k_rgb, 0), self.encode_images(dense, k_dense, 1)], axis=-1)
 
     def _resolve_size(self, s, image, depth):
         """Explicit size, else the input's size, else the model's native size."""

@@ -35,33 +35,29 @@ def _offset_noise(key, shape, offset):
     return noise + offset * jax.random.normal(k2, (1, 1, shape[-1]))
 
 
-def encode_latents(vae, images, keys):
-    """VAE posterior samples (one key per image), scaled as the diffusion model sees them."""
-    posterior = vae.encode(images)
+def encode_latents(codec, images, keys):
+    """Posterior samples (one key per image) of a VAE or ``PixelSpace`` codec, scaled as the diffusion
+    model sees them."""
+    posterior = codec.encode(images)
     eps = jax.vmap(lambda k, m: jax.random.normal(k, m.shape))(keys, posterior.mean)
-    return (posterior.mean + posterior.std * eps) * vae.scaling_factor
+    return (posterior.mean + posterior.std * eps) * codec.scaling_factor
 
 
-def joint_loss(model, vae, text_encoder, schedule: NoiseSchedule, uncond, batch, key, s: LossSettings):
-    """Returns (loss, metrics). ``uncond``: the empty prompt's embedding (1, L, D), used for text drop."""
+def joint_loss(model, codecs, text_encoder, schedule: NoiseSchedule, uncond, batch, key, s: LossSettings):
+    """Returns (loss, metrics). ``codecs``: a VAE shared by both branches, or the (RGB, dense) pair
+    (``pixel_space.branch_codecs``); ``uncond``: the empty prompt's embedding (1, L, D), used for text drop.
+    Stage 0 trains the base text-to-image UNet ``model(x, t, text)`` on the RGB half alone, with the same
+    per-example randomness as the RGB half of the later stages."""
+    codecs = codecs if isinstance(codecs, tuple) else (codecs, codecs)
     k = _per_example_keys(key, batch["index"], 9)
     b = batch["image"].shape[0]
-    latents = encode_latents(
-        vae, jnp.concatenate([batch["image"], batch[s.modality]]), jnp.concatenate([k[:, 0], k[:, 1]])
-    )
-    x0, y0 = latents[:b], latents[b:]
+    x0 = encode_latents(codecs[0], batch["image"], k[:, 0])
     text = text_encoder(batch["input_ids"])
     drop = jax.vmap(lambda kk: jax.random.uniform(kk) < s.text_drop)(k[:, 2])
     text = jnp.where(drop[:, None, None], uncond.astype(text.dtype), text)
     t = jax.vmap(lambda kk: jax.random.randint(kk, (), 0, schedule.num_train_timesteps))(k[:, 3])
     eps_x = jax.vmap(lambda kk: _offset_noise(kk, x0.shape[1:], s.noise_offset))(k[:, 4])
-    eps_y = jax.vmap(lambda kk: _offset_noise(kk, y0.shape[1:], s.noise_offset))(k[:, 5])
-    x_t, y_t = add_noise(schedule, x0, eps_x, t), add_noise(schedule, y0, eps_y, t)
-    cond_x = cond_y = None
-    if s.stage == 3:
-        m_x, m_y = jax.vmap(lambda kk: sample_masks(kk, *x0.shape[1:3]))(k[:, 6])
-        cond_x, cond_y = conditioning(m_x, x0), conditioning(m_y, y0)
-    pred_x, pred_y = model(x_t, y_t, t, text, cond_x, cond_y)
+    x_t = add_noise(schedule, x0, eps_x, t)
     valid = batch.get("valid", jnp.ones((b,), bool)).astype(jnp.float32)
     denom = jnp.maximum(valid.sum(), 1.0)
 
@@ -69,5 +65,16 @@ def joint_loss(model, vae, text_encoder, schedule: NoiseSchedule, uncond, batch,
         err = (pred.astype(jnp.float32) - training_target(schedule, x0_, eps, t_)) ** 2
         return (err.mean(axis=(1, 2, 3)) * valid).sum() / denom
 
+    if s.stage == 0:
+        loss_rgb = mse(model(x_t, t, text), x0, eps_x, t)
+        return loss_rgb, {"loss_rgb": loss_rgb}
+    y0 = encode_latents(codecs[1], batch[s.modality], k[:, 1])
+    eps_y = jax.vmap(lambda kk: _offset_noise(kk, y0.shape[1:], s.noise_offset))(k[:, 5])
+    y_t = add_noise(schedule, y0, eps_y, t)
+    cond_x = cond_y = None
+    if s.stage == 3:
+        m_x, m_y = jax.vmap(lambda kk: sample_masks(kk, *x0.shape[1:3]))(k[:, 6])
+        cond_x, cond_y = conditioning(m_x, x0), conditioning(m_y, y0)
+    pred_x, pred_y = model(x_t, y_t, t, text, cond_x, cond_y)
     loss_rgb, loss_dense = mse(pred_x, x0, eps_x, t), mse(pred_y, y0, eps_y, t)
     return loss_rgb + loss_dense, {"loss_rgb": loss_rgb, "loss_dense": loss_dense}

@@ -1,15 +1,16 @@
 """Which parameters train in each stage (paper §3.4).
 
 Stage 1: the RGB branch's base parameters are frozen; the dense branch and the exchange layers of BOTH
-branches train (the masked-latent conv too, when present). Stages 2 and 3 train everything. The split
-is done with ``nnx.split``, so frozen parameters are not differentiated and get no optimizer state.
+branches train (the masked-latent conv too, when present). Stages 2 and 3 train everything, and so does
+stage 0 (the base UNet) and the Direct Extend baseline (one shared UNet: there is nothing to freeze). The
+split is done with ``nnx.split``, so frozen parameters are not differentiated and get no optimizer state.
 """
 
 from __future__ import annotations
 
 from flax import nnx
 
-from jointnet_jax.models.jointnet import EXCHANGE_PREFIX
+from jointnet_jax.models.jointnet import EXCHANGE_PREFIX, JointNet
 
 
 def is_trainable(stage: int):
@@ -29,5 +30,6 @@ def is_trainable(stage: int):
 
 
 def split_trainable(model: nnx.Module, stage: int):
-    """(graphdef, trainable state, frozen state) for ``stage``."""
-    return nnx.split(model, is_trainable(stage), ...)
+    """(graphdef, trainable state, frozen state) for ``stage``; only a JointNet has frozen parameters."""
+    trainable = is_trainable(stage)
+    return nnx.split(model, trainable if isinstance(model, JointNet) else nnx.Param, ...)

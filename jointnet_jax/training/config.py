@@ -1,4 +1,5 @@
-"""Defaults shared by every training config (paper §3.4 values where it gives them)."""
+"""Defaults shared by every training config (paper §3.4 values where it gives them); the files in configs/
+build on them. Part of the package so that installed code (the demo) can build configs too."""
 
 import ml_collections
 
@@ -7,7 +8,9 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.base = ""  # SD2.1-base diffusers folder (vae/ text_encoder/ tokenizer/ scheduler/ unet/), or "tiny"
     c.init_from = ""  # optional official-layout JointNet to start from (a release or a previous export)
-    c.stage = 1
+    c.stage = 1  # 0: the base text-to-image UNet alone (the CPU demo's stand-in for SD2.1); 1-3: paper §3.4
+    c.model = "jointnet"  # or "direct_extend": the paper's baseline (one UNet widened to RGB + dense)
+    c.vae = ""  # "": the base's vae/ (latent diffusion); "none": pixel space (RGB 3 channels, depth 1)
     c.modality = "depth"
     c.seed = 0
     c.batch_size = 256  # global: 4 per GPU x 64 GPUs in the paper
@@ -35,12 +38,16 @@ def base_config() -> ml_collections.ConfigDict:
             "synthetic_num": 0,
             "synthetic_size": 64,
             "synthetic_shards": 1,
+            "eval_paths": "",  # held-out record shards; empty: synthetic scenes after the training ones
+            "synthetic_eval_num": 64,
         }
     )
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
     c.async_checkpoints = True
     c.log_every = 50
+    c.eval_every = 0  # steps between held-out evaluations (0: none); fixed noise and timesteps from eval_seed
+    c.eval_seed = 0
     c.sample_every = 1000
     c.sample_steps = 50
     c.sample_prompts = ("A living room with a picture of mountain on the wall", "A beach with palm trees")

@@ -1,0 +1,178 @@
+"""``python -m jointnet_jax.evaluate {depth,images,panorama} ...``: the paper's evaluation (§5.2, §5.3).
+
+Every result is a JSON file (written atomically) and a one-line summary on stdout. Nothing is downloaded;
+every network comes from a local path.
+
+**depth** -- affine-invariant depth metrics (AbsRel, disparity RMSE, delta1; ``jointnet_jax.depth_metrics``)
+of predicted disparity against GT depth, matched by file stem. MegaDepth-style layout::
+
+    megadepth_eval/
+      images/0001.jpg ...   RGB inputs
+      gt/0001.npy ...       GT depth, HW float (0 / non-finite = no GT), or 16-bit PNG
+      pred/0001.png ...     predictions: disparity in [0, 1] (near = bright), 8/16-bit PNG or .npy
+
+MegaDepth ships depth as HDF5; convert each once, e.g.
+``np.save(f"gt/{stem}.npy", h5py.File(f"{stem}.h5")["depth"][()])``. Predict with the image->depth task, one
+image per run, and keep the 16-bit depth under the image's stem, at the GT's resolution (resize if the model
+ran at another size)::
+
+    for f in megadepth_eval/images/*.jpg; do s=$(basename "$f" .jpg)
+      python -m jointnet_jax.sample depth --base SD21 --model JOINTNET --image "$f" --prompt "" --out "tmp/$s" \\
+        && cp "tmp/$s/0000_depth.png" "megadepth_eval/pred/$s.png"
+    done
+    python -m jointnet_jax.evaluate depth --pred megadepth_eval/pred --gt megadepth_eval/gt --out depth.json
+
+**images** -- FID (with ``--real``), IS (with ``--inception-weights``) and CLIP score (with ``--clip-model``)
+of a folder of generated images (``jointnet_jax.image_metrics``). FID and IS read torch-fidelity's
+Inception-v3 weights file ``weights-inception-2015-12-05-6726825d.pth`` (download it once from torch-fidelity's
+v0.2.0 GitHub release); CLIP score reads a transformers CLIP folder, e.g. one saved with
+``hf download openai/clip-vit-large-patch14 --local-dir clip-vit-large-patch14`` on a machine online. ``--prompts``
+is a JSON object mapping each generated image's file name to its prompt. For ``sample.py`` output folders
+select the RGB images with ``--pattern '*_rgb.png'`` and build the prompts from its per-sample JSON files::
+
+    python -c "import json, pathlib; d = pathlib.Path('samples'); json.dump({f'{p.stem}_rgb.png':
+        json.loads(p.read_text())['prompt'] for p in d.glob('[0-9]*.json')}, open('prompts.json', 'w'))"
+    python -m jointnet_jax.evaluate images --fake samples --pattern '*_rgb.png' --real coco_val_512 \\
+        --inception-weights weights-inception-2015-12-05-6726825d.pth \\
+        --clip-model clip-vit-large-patch14 --prompts prompts.json --out images.json
+
+All images of one folder must share a size (resize real images to the generated size first, as usual for
+FID). ``--device cuda`` runs the networks on a GPU (the default when torch sees one).
+
+**panorama** -- intra-LPIPS and time per panorama (Table 2); its arguments are those of
+``python -m jointnet_jax.evaluate_panorama --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from jointnet_jax import depth_metrics, evaluate_panorama
+from jointnet_jax.io_utils import atomic_write
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jointnet_jax.evaluate", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("depth", help="AbsRel / disparity RMSE / delta1 of a prediction folder against GT depth")
+    d.add_argument("--pred", required=True, help="predicted disparity in [0, 1]: 8/16-bit PNG or .npy per image")
+    d.add_argument("--gt", required=True, help="GT depth per image (same stems): .npy or 16-bit PNG; 0 = no GT")
+    d.add_argument("--num-subsets", type=int, default=depth_metrics.DEFAULT_NUM_SUBSETS, help="0 = one full fit")
+    d.add_argument("--subset-fraction", type=float, default=depth_metrics.DEFAULT_SUBSET_FRACTION)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--min-disparity", type=float, help="clamp for aligned disparity (default: 1 / max GT depth)")
+    d.add_argument("--out", required=True, help="JSON results")
+
+    i = sub.add_parser("images", help="FID / IS / CLIP score of a folder of generated images")
+    i.add_argument("--fake", required=True, help="folder of generated images")
+    i.add_argument("--pattern", help="glob selecting the generated images (default: every PNG/JPEG)")
+    i.add_argument("--real", help="folder of reference images; enables FID")
+    i.add_argument("--inception-weights", help="torch-fidelity Inception-v3 .pth; enables IS (and FID with --real)")
+    i.add_argument("--fid-features", type=int, default=2048, choices=(64, 192, 768, 2048), help="Inception layer")
+    i.add_argument("--splits", type=int, default=10, help="IS splits")
+    i.add_argument("--clip-model", help="local transformers CLIP folder; enables CLIP score (needs --prompts)")
+    i.add_argument("--prompts", help="JSON object: generated image file name -> prompt")
+    i.add_argument("--batch-size", type=int, default=50)
+    i.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    i.add_argument("--seed", type=int, default=0, help="IS split assignment")
+    i.add_argument("--out", required=True, help="JSON results")
+
+    sub.add_parser("panorama", help="intra-LPIPS and time per panorama; see `panorama --help`", add_help=False)
+    return parser
+
+
+def _write_json(path, data: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(data, indent=2) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def run_depth(args) -> dict:
+    kwargs = dict(
+        num_subsets=args.num_subsets,
+        subset_fraction=args.subset_fraction,
+        seed=args.seed,
+        min_disparity=args.min_disparity,
+    )
+    result = depth_metrics.evaluate_depth_folder(args.pred, args.gt, **kwargs)
+    result["settings"] = {"pred": str(args.pred), "gt": str(args.gt), **kwargs}
+    print(" ".join(f"{k}={v:.4f}" for k, v in result["mean"].items()) + f" over {result['count']} images")
+    return result
+
+
+def _prompts_for(files: list[Path], prompts_file) -> list[str]:
+    """Prompts in the order of ``files`` from a JSON object keyed by file name; every file needs one."""
+    path = Path(prompts_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path} does not exist")
+    try:
+        mapping = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"prompts file {path} is not valid JSON: {e}") from e
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+        raise ValueError(f"prompts file {path} must be a JSON object mapping image file names to prompt strings")
+    names = [f.name for f in files]
+    missing, extra = sorted(set(names) - mapping.keys()), sorted(mapping.keys() - set(names))
+    if missing or extra:
+        raise ValueError(
+            f"{len(mapping)} prompts in {path} for {len(names)} images; "
+            f"images without a prompt: {missing[:5]}, prompts without an image: {extra[:5]}"
+        )
+    return [mapping[n] for n in names]
+
+
+def run_images(args) -> dict:
+    try:
+        from jointnet_jax import image_metrics
+    except ImportError as e:
+        raise ImportError(f"image metrics need torch, torchmetrics and torch-fidelity (the eval extra): {e}") from e
+
+    if args.real and not args.inception_weights:
+        raise ValueError("FID (--real) needs --inception-weights")
+    if bool(args.clip_model) != bool(args.prompts):
+        raise ValueError("CLIP score needs both --clip-model and --prompts")
+    if not (args.inception_weights or args.clip_model):
+        raise ValueError("nothing to compute: give --inception-weights (IS, FID with --real) and/or --clip-model")
+    fake = image_metrics.image_files(args.fake, args.pattern)
+    prompts = _prompts_for(fake, args.prompts) if args.prompts else None  # checked before the slow metrics
+    common = dict(batch_size=args.batch_size, device=args.device)
+    result: dict = {"count": {"fake": len(fake)}}
+    if args.real:
+        real = image_metrics.image_files(args.real)
+        result["count"]["real"] = len(real)
+        result["fid"] = image_metrics.fid(
+            real, fake, feature=args.fid_features, inception_weights=args.inception_weights, **common
+        )
+    if args.inception_weights:
+        mean, std = image_metrics.inception_score(
+            fake, inception_weights=args.inception_weights, splits=args.splits, seed=args.seed, **common
+        )
+        result["inception_score"] = {"mean": mean, "std": std}
+    if args.clip_model:
+        result["clip_score"] = image_metrics.clip_score(fake, prompts, clip_model=args.clip_model, **common)
+    result["settings"] = {k: v for k, v in vars(args).items() if k not in ("command", "out")}
+    print(" ".join(f"{k}={v}" for k, v in result.items() if k in ("fid", "inception_score", "clip_score")))
+    return result
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["panorama"]:  # its own parser, so `panorama --help` shows its options
+        return evaluate_panorama.main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        result = run_depth(args) if args.command == "depth" else run_images(args)
+        _write_json(args.out, result)
+    except (OSError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
