@@ -72,6 +72,11 @@ def _tiling_args(p: argparse.ArgumentParser, mode: str):
     g.add_argument("--ramp", type=int, help="linear weight decay width at tile borders (0 = constant)")
     g.add_argument("--full-view-fraction", type=float, help="whole canvas as a view for this share of steps")
     g.add_argument("--full-view-weight", type=float, help="the whole-canvas view's weight (default 5)")
+    g.add_argument(
+        "--full-view-resize",
+        action=argparse.BooleanOptionalAction,
+        help="full view = the canvas resized to one tile (paper; one tile's compute) instead of the full canvas",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,7 +214,7 @@ def run_task(args) -> list[Path]:
 
 def _tiling(args, pipe):
     """The run's ``Tiling`` (None for non-tiled): the preset with the flags that were given."""
-    names = ("stride", "wrap", "random_offset", "ramp", "full_view_fraction", "full_view_weight")
+    names = ("stride", "wrap", "random_offset", "ramp", "full_view_fraction", "full_view_weight", "full_view_resize")
     overrides = {name: getattr(args, name) for name in names} | {"batch": args.tile_batch}
     return pipe.native_tiling(args.tiling, args.tile, **overrides)
 

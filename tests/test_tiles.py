@@ -7,6 +7,7 @@ so that the few compiled loops of this file stay fast on CPU: tile = 8 latent = 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -17,7 +18,7 @@ import torch
 
 import jointnet_jax as jj
 from jointnet_jax import io_utils, sample
-from jointnet_jax.pipelines import tiles
+from jointnet_jax.pipelines import loop, tiles
 from jointnet_jax.pipelines.tiles import TileGrid, Tiling
 from tests.tiny_sd import TEXT_DIM, make_tiny_base
 
@@ -141,6 +142,38 @@ def test_tiles_run_in_batches_with_one_model_trace():
     assert traces == [(WRAPPED.batch * 2, TILE, TILE, 8)]
 
 
+def test_resized_full_view_is_identity_on_one_tile_and_differs_on_a_wider_canvas():
+    """``full_view_resize``: on a one-tile canvas the resize is the identity, so both full-view forms agree;
+    on a 1 x 4 canvas the full view sees a tile-sized input and changes the canvas eps."""
+    text = jnp.zeros((2, 1, 1))
+
+    def eps_fn(x, *_):  # depends on the whole view, like a model with attention
+        return jnp.tanh(x) * (1 + x.mean(axis=(1, 2), keepdims=True))
+
+    def run(width, resize):
+        tiling = Tiling(TILE, 4, batch=3, ramp=2, full_view_fraction=0.5, full_view_resize=resize)
+        x = jax.random.normal(jax.random.key(1), (2, TILE, width, 8))
+        return tiles.tiled_eps(TileGrid(tiling, TILE, width), eps_fn, (x, None, None), text, key, jnp.bool_(True))
+
+    key = jax.random.key(0)
+    np.testing.assert_allclose(run(TILE, True), run(TILE, False), atol=1e-6, rtol=0)
+    assert np.abs(np.asarray(run(32, True) - run(32, False))).max() > 1e-2
+
+
+def test_resized_full_view_panorama_sees_only_tile_sized_inputs_and_reproduces(pipe, monkeypatch):
+    """Through the pipeline: with ``full_view_resize`` every model call (tiles and full view) is tile-sized
+    (the full view would otherwise be the whole 8x32 canvas), and a seed reproduces the panorama."""
+    seen = []
+    guided_eps = loop.guided_eps
+    monkeypatch.setattr(loop, "guided_eps", lambda model, x, *a: seen.append(x.shape) or guided_eps(model, x, *a))
+    kw = dict(steps=2, progress=False, **PANO)
+    resized = dataclasses.replace(WRAPPED, full_view_fraction=0.5, full_view_resize=True)
+    a, b, c = (pipe.panorama("a cat", seed=s, tiling=resized, **kw)["latents"] for s in (0, 0, 1))
+    assert seen == [(3, TILE, TILE, 8), (1, TILE, TILE, 8)]  # traced once: a tile batch, then the full view
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
 def test_tile_text_pairs_each_canvas_with_its_prompt():
     """Several canvases per run (official bug 6): each tile of canvas b is guided by prompt b's embeddings."""
     b, grid = 2, TileGrid(WRAPPED, 8, 32)
@@ -189,10 +222,10 @@ def test_cli_panorama_then_refine(model_dirs, tmp_path):
     base, twin = model_dirs
     common = ["--base", str(base), "--model", str(twin), "--prompt", "a cat", "--prompt", "a dog", "--steps", "2"]
     pano = ["panorama", *common, "--height", "16", "--width", "64", "--wrap", "--stride", "4", "--tile-batch", "3"]
-    pano += ["--ramp", "2", "--full-view-fraction", "0", "--out", str(tmp_path / "pano")]
+    pano += ["--ramp", "2", "--full-view-fraction", "0", "--full-view-resize", "--out", str(tmp_path / "pano")]
     assert sample.main(pano) == 0
     meta = (tmp_path / "pano" / "0001.json").read_text()
-    assert '"wrap": true' in meta and '"prompt": "a dog"' in meta
+    assert '"wrap": true' in meta and '"full_view_resize": true' in meta and '"prompt": "a dog"' in meta
     assert io_utils.read_image(tmp_path / "pano" / "0000_rgb.png").shape == (16, 64, 3)
     refine = ["refine", "--base", str(base), "--model", str(twin), "--prompt", "a cat", "--steps", "5"]
     refine += ["--image", str(tmp_path / "pano" / "0000_rgb.png"), "--depth", str(tmp_path / "pano" / "0000_depth.png")]
@@ -233,3 +266,26 @@ def test_intra_lpips_averages_all_crop_pairs():
     assert len(pairs) == 6 and score == pytest.approx((0.1 + 0.3 + 0.6 + 0.2 + 0.5 + 0.3) / 6)
     with pytest.raises(ValueError, match="twice as wide"):
         intra_lpips(image[:, :6], lambda a, b: 0.0)
+
+
+@pytest.mark.filterwarnings("ignore:.*deprecated since 0.13")  # lpips calls torchvision's old API
+def test_intra_lpips_with_the_lpips_package(tmp_path):
+    """Real LPIPS (random AlexNet, non-negative heads as trained LPIPS keeps them) through intra_lpips: one
+    repeated crop scores 0, varied crops more; crops under AlexNet's 31 px give a clear error, not a crash."""
+    import lpips
+
+    from jointnet_jax.evaluate_panorama import intra_lpips, lpips_distance
+
+    torch.manual_seed(0)
+    model = lpips.LPIPS(net="alex", pretrained=False, pnet_rand=True, verbose=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("lin"):
+                p.abs_()
+    torch.save(model.state_dict(), tmp_path / "alex.pth")
+    distance = lpips_distance(tmp_path / "alex.pth")
+    crop = np.random.default_rng(0).random((32, 32, 3), dtype=np.float32)
+    assert intra_lpips(np.tile(crop, (1, 4, 1)), distance) == 0.0
+    assert intra_lpips(np.concatenate([crop, crop[::-1], crop[:, ::-1], 1 - crop], axis=1), distance) > 0.0
+    with pytest.raises(ValueError, match=r"LPIPS \(alex\) needs crops of at least 31 px; these are 16x16"):
+        intra_lpips(np.tile(crop[:16, :16], (1, 4, 1)), distance)
