@@ -32,9 +32,9 @@ def default_config(arg: str = ""):
     c.sample_every = 0
     c.demo = ml_collections.ConfigDict(
         {
-            "base_steps": 600,  # stage 0, from scratch
+            "base_steps": 450,  # stage 0, from scratch
             "base_lr": 1e-3,
-            "joint_steps": 240,  # stage 1 and Direct Extend each
+            "joint_steps": 200,  # stage 1 and Direct Extend each
             "joint_lr": 3e-4,
             "warmup_steps": 20,
             "num_scenes": 16,  # held-out scenes for image->depth and joint generation
@@ -48,7 +48,7 @@ def default_config(arg: str = ""):
         c.data.synthetic_num = 64
         c.data.synthetic_eval_num = 8
         c.batch_size = 8
-        c.eval_every = 2
+        c.eval_every = 3  # not a divisor of the steps: the final evaluation must still happen
         c.demo.update(base_steps=4, joint_steps=4, num_scenes=2, sample_steps=2, warmup_steps=1)
     elif arg:
         raise ValueError(f"unknown demo config argument {arg!r}; use '' or 'tiny'")

@@ -382,7 +382,7 @@ class Trainer:
                 metrics.update(step=step + 1, step_time=dt, examples_per_s=c.batch_size / dt)
                 if peak and self.flops:  # cost analysis counts one device's program
                     metrics["mfu"] = self.flops / dt / peak
-                if eval_every and (step + 1) % eval_every == 0:
+                if eval_every and ((step + 1) % eval_every == 0 or step + 1 == end):  # the final model too
                     metrics.update(self._record_eval(step + 1, writer))
                 history.append(metrics)
                 bar.update(1)
