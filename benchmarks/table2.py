@@ -36,16 +36,9 @@ def build(work: Path, tile: int) -> tuple[Path, Path, Path]:
         jj.JointNet.from_unet(jj.load_unet(base / "unet")).save(twin)
     weights = work / "lpips_alex_random.pth"
     if not weights.is_file():
-        import lpips
-        import torch
+        from jointnet_jax.evaluate_panorama import write_random_lpips_weights
 
-        torch.manual_seed(0)
-        model = lpips.LPIPS(net="alex", pretrained=False, pnet_rand=True, verbose=False)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.startswith("lin"):
-                    p.abs_()
-        torch.save(model.state_dict(), weights)
+        write_random_lpips_weights(weights)
     return base, twin, weights
 
 

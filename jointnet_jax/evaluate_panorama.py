@@ -51,6 +51,22 @@ def intra_lpips(image, distance) -> float:
     return float(np.mean([distance(a, b) for a, b in pairs]))
 
 
+def write_random_lpips_weights(path, net: str = "alex", seed: int = 0) -> Path:
+    """A seeded random LPIPS state dict for plumbing runs (tests, tiny benchmarks); the linear heads are made
+    non-negative, as trained LPIPS keeps them, so distances stay >= 0. Meaningless as a perceptual metric."""
+    import lpips
+    import torch
+
+    torch.manual_seed(seed)
+    model = lpips.LPIPS(net=net, pretrained=False, pnet_rand=True, verbose=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("lin"):
+                p.abs_()
+    torch.save(model.state_dict(), path)
+    return Path(path)
+
+
 def lpips_distance(weights, net: str = "alex"):
     """LPIPS from the ``lpips`` package with every weight read from ``weights`` (a full state dict)."""
     try:

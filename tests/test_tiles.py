@@ -272,17 +272,9 @@ def test_intra_lpips_averages_all_crop_pairs():
 def test_intra_lpips_with_the_lpips_package(tmp_path):
     """Real LPIPS (random AlexNet, non-negative heads as trained LPIPS keeps them) through intra_lpips: one
     repeated crop scores 0, varied crops more; crops under AlexNet's 31 px give a clear error, not a crash."""
-    import lpips
+    from jointnet_jax.evaluate_panorama import intra_lpips, lpips_distance, write_random_lpips_weights
 
-    from jointnet_jax.evaluate_panorama import intra_lpips, lpips_distance
-
-    torch.manual_seed(0)
-    model = lpips.LPIPS(net="alex", pretrained=False, pnet_rand=True, verbose=False)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.startswith("lin"):
-                p.abs_()
-    torch.save(model.state_dict(), tmp_path / "alex.pth")
+    write_random_lpips_weights(tmp_path / "alex.pth")
     distance = lpips_distance(tmp_path / "alex.pth")
     crop = np.random.default_rng(0).random((32, 32, 3), dtype=np.float32)
     assert intra_lpips(np.tile(crop, (1, 4, 1)), distance) == 0.0
