@@ -21,8 +21,8 @@ timeout 120 $PY benchmarks/twin_forward.py --device gpu --dtype bf16 --sizes 64 
 timeout 200 $PY benchmarks/sample.py --device gpu --dtype bf16 --sizes 256 512 --steps 10 --repeats 2 $SKIP_TORCH \
   > "$OUT/sample.jsonl" 2> "$OUT/sample.err"
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9  # train.py: JAX and torch run in separate processes
-timeout 150 $PY benchmarks/train.py --device gpu --dtype bf16 --config tiny --remat off --steps 5 --attention xla $SKIP_TORCH \
+timeout 150 $PY benchmarks/train.py --device gpu --dtype bf16 --config tiny --remat off --steps 5 $SKIP_TORCH \
   > "$OUT/train_tiny.jsonl" 2> "$OUT/train_tiny.err"
-timeout 360 $PY benchmarks/train.py --device gpu --dtype bf16 --config sd21 --resolution 512 --batch 4 --remat off on --attention xla \
+timeout 360 $PY benchmarks/train.py --device gpu --dtype bf16 --config sd21 --resolution 512 --batch 4 --remat off on \
   --steps 3 $SKIP_TORCH > "$OUT/train_sd21.jsonl" 2> "$OUT/train_sd21.err"
 for f in "$OUT"/*.jsonl; do echo "== $f"; tail -n 6 "$f"; done

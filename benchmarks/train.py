@@ -2,7 +2,7 @@
 base with random weights) against a PyTorch proxy at the same shapes, in the same session.
 
     python benchmarks/train.py --config tiny                                # CPU, tiny config, remat off and on
-    python benchmarks/train.py --config sd21 --resolution 128 --batch 1 --steps 2
+    python benchmarks/train.py --config sd21 --resolution 64 --batch 1 --steps 2 --xla-flags default memory_scheduler
     python benchmarks/train.py --config sd21 --device gpu --resolution 512 --batch 4 --steps 5 --remat on
 
 JAX: ``Trainer(config, workdir)`` (stage 1: RGB branch frozen; dense branch + all exchange layers trained,
@@ -29,13 +29,22 @@ OpenCLIP-H text-encoder config (1024 wide, 23 layers, 16 heads), all with random
 tokenizer is the tiny test BPE vocabulary (so the text embedding table is 58 x 1024 instead of 49408 x 1024).
 
 Peak memory: RSS high-water (VmHWM) of each measurement's own subprocess; on GPU also JAX's
-``peak_bytes_in_use`` / ``torch.cuda.max_memory_allocated``. MFU = trainer.flops / step time / the device's
-dense bf16 peak (``metrics.device_peak_flops``; none on CPU).
+``peak_bytes_in_use`` / ``torch.cuda.max_memory_allocated``. The JAX record also has XLA's buffer analysis of
+the compiled step (``temp_gb``: temporaries on top of the resident state); when those exceed the host's
+MemAvailable the step is not run (the record says so) instead of being killed by the OOM killer.
+
+``--xla-flags`` runs the JAX child once per named flag set (``FLAG_SETS``): ``memory_scheduler`` is XLA CPU's
+memory-optimised instruction scheduler. The default (concurrency-optimised) one hoists every kernel-only
+computation, e.g. the reversed and transposed conv kernels of the backward pass, to the start of the step, so
+they are all alive at once (8.3 GB of temporaries for the SD2.1 stage-1 step at 64², 3.3 GB with the flag).
+
+MFU = trainer.flops / step time / the device's dense bf16 peak (``metrics.device_peak_flops``; none on CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -63,6 +72,7 @@ SD_VAE = {  # stabilityai/stable-diffusion-2-1-base vae/config.json
 }
 OPENCLIP_H_TEXT = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16)
 OPENCLIP_H_TEXT |= dict(projection_dim=1024, hidden_act="gelu")
+FLAG_SETS = {"default": "", "memory_scheduler": "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -173,7 +183,7 @@ def fallback_step(config):
     from jointnet_jax.models.jointnet import JointNet
     from jointnet_jax.models.vae import load_vae
     from jointnet_jax.pretrained import load_unet
-    from jointnet_jax.training.metrics import compiled_flops
+    from jointnet_jax.training.metrics import compiled_flops, compiled_memory
     from jointnet_jax.training.objective import LossSettings, joint_loss
     from jointnet_jax.training.optimizer import make_optimizer
     from jointnet_jax.training.partition import split_trainable
@@ -221,7 +231,7 @@ def fallback_step(config):
     t0 = time.perf_counter()
     compiled = jax.jit(train_step, donate_argnums=(0,)).lower(*args).compile()
     compile_s = time.perf_counter() - t0
-    return compiled, state, args[1:], compiled_flops(compiled), compile_s
+    return compiled, state, args[1:], compiled_flops(compiled), compiled_memory(compiled), compile_s
 
 
 def part_jax(args) -> None:
@@ -253,12 +263,22 @@ def part_jax(args) -> None:
         init_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         step_fn = trainer.compiled_step(batch)
-        compile_s, flops = time.perf_counter() - t0, trainer.flops
+        compile_s, flops, memory = time.perf_counter() - t0, trainer.flops, trainer.step_memory
         state, rest = trainer.state, (trainer.frozen, trainer.vae_state, trainer.text_state, trainer.uncond, batch)
     else:
-        step_fn, state, rest, flops, compile_s = fallback_step(config)
+        step_fn, state, rest, flops, memory, compile_s = fallback_step(config)
         init_s = time.perf_counter() - t0 - compile_s
     rss_init = rss_bytes()
+    rec = dict(part="train", impl="jax", path=path, **common_fields(args), init_s=round(init_s, 1))
+    rec.update(compile_s=round(compile_s, 1), rss_after_compile_gb=round(rss_init / 1e9, 2))
+    if memory:
+        rec.update(argument_gb=round(memory["argument_bytes"] / 1e9, 3), temp_gb=round(memory["temp_bytes"] / 1e9, 3))
+    if path == "fallback":
+        rec["fallback_reason"] = reason
+    free_gb = mem_available_gb()
+    if args.device == "cpu" and memory and memory["temp_bytes"] > free_gb * 1e9:
+        report(dict(rec, skipped=f"the step needs {rec['temp_gb']} GB of temporaries, {free_gb:.1f} GB free"))
+        return
     times, losses = [], []
     for i in range(args.steps + 1):  # the first call is a warm-up
         t0 = time.perf_counter()
@@ -268,13 +288,7 @@ def part_jax(args) -> None:
             times.append(time.perf_counter() - t0)
     step_s = float(np.median(times))
     peak = device_peak_flops()
-    rec = dict(
-        part="train",
-        impl="jax",
-        path=path,
-        **common_fields(args),
-        init_s=round(init_s, 1),
-        compile_s=round(compile_s, 1),
+    rec.update(
         step_s=round(step_s, 3),
         all_s=[round(x, 3) for x in times],
         examples_per_s=round(args.batch / step_s, 3),
@@ -282,12 +296,9 @@ def part_jax(args) -> None:
         achieved_tflops=flops and round(flops / step_s / 1e12, 2),
         mfu=(flops and peak) and round(flops / step_s / peak, 4),
         finite=bool(np.isfinite(losses).all()),
-        rss_after_init_gb=round(rss_init / 1e9, 2),
         peak_rss_gb=round(peak_rss_bytes() / 1e9, 2),
         backend=jax.default_backend(),
     )
-    if path == "fallback":
-        rec["fallback_reason"] = reason
     if args.device == "gpu":
         stats = jax.local_devices()[0].memory_stats() or {}
         rec.update(peak_device_gb=round(stats.get("peak_bytes_in_use", 0) / 1e9, 2), gpu=jax.devices()[0].device_kind)
@@ -303,6 +314,7 @@ def common_fields(args) -> dict:
         dtype=args.dtype,
         device=args.device,
         attention=getattr(args, "attention", "auto"),
+        xla_flags=getattr(args, "xla_flags", "default"),
     )
 
 
@@ -433,9 +445,10 @@ def part_torch(args) -> None:
 
 
 def memory_needed_gb(config: str) -> float:
-    """fp32 training state of the twin: 1.755e9 parameters + 0.889e9 trainable x (grad + 2 Adam moments) +
-    VAE/text (0.42e9), x 1.25 for activations and XLA buffers. Parameters are float32 in every dtype."""
-    return 0.0 if config == "tiny" else 4 * (1.755e9 + 3 * 0.889e9 + 0.42e9) * 1.25 / 1e9
+    """The resident fp32 stage-1 state of the SD2.1-shaped run: 1.755e9 twin parameters + 0.889e9 trainable x
+    2 Adam moments + VAE/text (0.42e9) + the gradients (0.889e9). Parameters are float32 in every dtype. The
+    step's other temporaries are checked by the JAX child after compiling (XLA's buffer analysis)."""
+    return 0.0 if config == "tiny" else 4 * (1.755e9 + 3 * 0.889e9 + 0.42e9) / 1e9
 
 
 def mem_available_gb() -> float:
@@ -447,16 +460,19 @@ def mem_available_gb() -> float:
 
 def table(records: list[dict]) -> str:
     lines = [
-        "| config, resolution, batch, remat, dtype, device | impl | step (s) | examples/s | compile (s) "
-        "| TFLOP/step | MFU | peak RSS (GB) | peak device (GB) | load |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| config, resolution, batch, remat, dtype, device | impl | XLA flags | step (s) | examples/s | compile (s) "
+        "| TFLOP/step | MFU | XLA temp (GB) | peak RSS (GB) | peak device (GB) | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in (r for r in records if r.get("part") == "train" and "step_s" in r):
+    for r in (r for r in records if r.get("part") == "train" and ("step_s" in r or "temp_gb" in r)):
         impl = r["impl"] + (" (fallback)" if r.get("path") == "fallback" else "")
+        flags = r["xla_flags"] if r["impl"] == "jax" else "-"
+        step = r.get("step_s", "not run: " + r.get("skipped", ""))
         lines.append(
             f"| {r['config']}, {r['resolution']}², {r['batch']}, {r['remat']}, {r['dtype']}, {r['device']} | {impl} "
-            f"| {r['step_s']} | {r['examples_per_s']} | {r.get('compile_s', '-')} | {r.get('tflops_per_step') or '-'} "
-            f"| {r.get('mfu') or '-'} | {r['peak_rss_gb']} | {r.get('peak_device_gb', '-')} | {r['load']} |"
+            f"| {flags} | {step} | {r.get('examples_per_s', '-')} | {r.get('compile_s', '-')} "
+            f"| {r.get('tflops_per_step') or '-'} | {r.get('mfu') or '-'} | {r.get('temp_gb', '-')} "
+            f"| {r.get('peak_rss_gb', '-')} | {r.get('peak_device_gb', '-')} | {r['load']} |"
         )
     return "\n".join(lines)
 
@@ -479,11 +495,18 @@ def main(argv=None) -> None:
         choices=["auto", "xla", "cudnn", "blockwise", "reference"],
         help="force the JAX attention kernel (auto picks cuDNN for bf16 on GPU)",
     )
+    p.add_argument(
+        "--xla-flags",
+        choices=list(FLAG_SETS),
+        nargs="+",
+        default=["default"],
+        help="XLA_FLAGS sets for the JAX child, one run each",
+    )
     p.add_argument("--force", action="store_true", help="run even if MemAvailable looks too small")
     p.add_argument("--part", choices=["jax", "torch"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.part:
-        args.config, args.remat = args.config[0], args.remat[0]
+        args.config, args.remat, args.xla_flags = args.config[0], args.remat[0], args.xla_flags[0]
         {"jax": part_jax, "torch": part_torch}[args.part](args)
         return
 
@@ -512,7 +535,9 @@ def main(argv=None) -> None:
             child = ["--config", config, "--resolution", str(res), "--batch", str(batch), "--steps", str(args.steps)]
             child += ["--remat", remat, "--dtype", args.dtype, "--device", args.device, "--base-dir", str(base)]
             child += ["--threads", str(args.threads), "--attention", args.attention]
-            records += run_child(__file__, child + ["--part", "jax"])
+            for name in args.xla_flags:
+                env = {"XLA_FLAGS": " ".join([os.environ.get("XLA_FLAGS", ""), FLAG_SETS[name]]).strip()}
+                records += run_child(__file__, child + ["--xla-flags", name, "--part", "jax"], env=env)
             if not args.skip_torch:
                 records += run_child(__file__, child + ["--part", "torch"])
     emit(dict(part="done", seconds=round(time.perf_counter() - t_start, 1)))

@@ -86,6 +86,22 @@ def test_stage1_freezes_exactly_the_rgb_base(stage1):
     assert any("fsdp" in s for s in specs)
 
 
+def _device0_bytes(tree) -> int:
+    device = jax.devices()[0]
+    return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == device)
+
+
+def test_step_memory_reports_the_donated_state(stage1):
+    """XLA's buffer analysis of the compiled step: the donated train state (device 0's shards of parameters,
+    optimizer state and step) is reused in place for the new state, and the arguments hold it plus the
+    frozen RGB weights (jit drops unused arguments such as the VAE decoder, so not every frozen array)."""
+    trainer = stage1[0]
+    memory, state = trainer.step_memory, _device0_bytes(trainer.state)
+    assert memory["alias_bytes"] == state
+    assert memory["argument_bytes"] >= state + _device0_bytes(trainer.frozen)
+    assert 0 < memory["temp_bytes"]
+
+
 def test_step0_rgb_loss_equals_base_unet_loss(stage1):
     """Output preserving: at step 0 the RGB branch's loss is the base UNet's loss on the same batch."""
     trainer, _, batch, history = stage1

@@ -40,6 +40,20 @@ def compiled_flops(compiled) -> float | None:
     return float(flops) if flops else None
 
 
+def compiled_memory(compiled) -> dict | None:
+    """Per-device bytes of one call of a compiled function, from XLA's buffer assignment: its arguments,
+    outputs, the outputs that reuse donated arguments, and the temporaries it allocates while it runs (what
+    a step needs on top of the resident train state)."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # some backends do not implement memory analysis
+        return None
+    if m is None:
+        return None
+    names = ("argument", "output", "alias", "temp")
+    return {f"{k}_bytes": int(getattr(m, f"{k}_size_in_bytes")) for k in names}
+
+
 class Writer:
     """TensorBoard scalars/images plus a ``metrics.jsonl`` next to them, from process 0 only."""
 

@@ -38,7 +38,7 @@ from jointnet_jax.models.vae import load_vae
 from jointnet_jax.pretrained import load_jointnet, load_unet
 from jointnet_jax.tiny_base import UNET_2LEVEL, UNET_PIXEL, ensure_tiny_base
 from jointnet_jax.training import checkpoints
-from jointnet_jax.training.metrics import Writer, compiled_flops, device_peak_flops
+from jointnet_jax.training.metrics import Writer, compiled_flops, compiled_memory, device_peak_flops
 from jointnet_jax.training.objective import LossSettings, joint_loss
 from jointnet_jax.training.optimizer import make_optimizer
 from jointnet_jax.training.partition import split_trainable
@@ -215,7 +215,7 @@ class Trainer:
             self.state = checkpoints.restore(self.manager, latest, abstract, self.data)
             logging.info("resumed from step %d", latest)
         self._step_fn = self._compile_step()
-        self._compiled, self.flops, self._eval_fn = None, None, None
+        self._compiled, self.flops, self.step_memory, self._eval_fn = None, None, None, None
         self._stop_requested = False
         self.eval_history: list[dict] = []  # {"step", "eval_loss_rgb", ...} per evaluation
 
@@ -339,11 +339,19 @@ class Trainer:
         return make_global_batch(host_batch, sh.batch_sharding(self.mesh))
 
     def compiled_step(self, batch):
-        """The train step compiled for this batch's shapes (once), and its FLOPs from XLA's cost analysis."""
+        """The train step compiled for this batch's shapes (once); its FLOPs (``self.flops``) and per-device
+        memory (``self.step_memory``) from XLA's cost and buffer analyses."""
         if self._compiled is None:
             args = (self.state, self.frozen, self.vae_state, self.text_state, self.uncond, batch)
             self._compiled = self._step_fn.lower(*args).compile()
             self.flops = compiled_flops(self._compiled)
+            self.step_memory = compiled_memory(self._compiled)
+            if self.step_memory:
+                logging.info(
+                    "train step per device: %.2f GB arguments (state, frozen weights, batch), %.2f GB temporaries",
+                    self.step_memory["argument_bytes"] / 1e9,
+                    self.step_memory["temp_bytes"] / 1e9,
+                )
         return self._compiled
 
     # -----------------------------------------------------------------------------------------------
