@@ -1,4 +1,4 @@
-"""Device mesh, FSDP parameter shardings, batch shardings and multi-host initialisation.
+"""Device mesh, FSDP parameter shardings, batch shardings, multi-host initialisation and host barriers.
 
 The mesh has two axes: ``data`` (pure data parallelism) and ``fsdp`` (data parallelism whose replicas also
 split the parameters and optimizer state, ZeRO-3 style). Batches are split over both axes; every
@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from orbax.checkpoint import multihost
 
 MESH_AXES = ("data", "fsdp")
 
@@ -34,6 +35,22 @@ def initialize_distributed(
         jax.local_device_count(),
         jax.device_count(),
     )
+
+
+_barrier_count = 0
+
+
+def sync_processes(name: str, timeout_s: int = 3600) -> None:
+    """Wait until every process has reached ``name``: a host-side barrier over JAX's coordination service,
+    for the points where the other processes wait for work that only process 0 does (writing a tiny base,
+    rendering the synthetic data, exporting a model). A device collective (``sync_global_devices``) is wrong
+    there: on CPU, Gloo gives up after 30 s when one process reaches its first collective that much later.
+    Every process must pass the same barriers in the same order (their keys are numbered)."""
+    global _barrier_count
+    if jax.process_count() == 1:
+        return
+    _barrier_count += 1
+    multihost.get_barrier_sync_fn()(key=f"jointnet_{name}_{_barrier_count}", timeout_ms=timeout_s * 1000)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from jointnet_jax import sharding as sh
 from jointnet_jax import weights
@@ -82,7 +81,7 @@ def resolve_base(base: str, workdir: Path, tiny_unet: dict | None = None, *, vae
         path = workdir / "tiny_base"
         if jax.process_index() == 0:
             ensure_tiny_base(path, unet=tiny_unet, vae=vae)
-        multihost_utils.sync_global_devices("tiny_base")
+        sh.sync_processes("tiny_base")
         return path
     path = Path(base)
     if not path.is_dir():
@@ -128,7 +127,7 @@ def _synthetic(config, out: Path, indices: range) -> str:
     if jax.process_index() == 0 and not (out.is_dir() and records.list_shards(out, "synthetic")):
         examples = (synthetic.make_example(i, config.data.synthetic_size, seed=config.data.seed) for i in indices)
         records.write_shards(examples, out, "synthetic", num_shards=config.data.synthetic_shards)
-    multihost_utils.sync_global_devices(f"synthetic_data_{out.name}")
+    sh.sync_processes(f"synthetic_data_{out.name}")
     return str(out)
 
 
@@ -461,7 +460,7 @@ class Trainer:
             if path.exists():
                 shutil.rmtree(path)
             tmp.rename(path)
-        multihost_utils.sync_global_devices("export")
+        sh.sync_processes("export")
         return path
 
 
