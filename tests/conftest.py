@@ -16,7 +16,9 @@ os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"]
 )
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
+# Every compiled program is cached, even sub-second ones: building a tiny random model compiles ~100 small
+# initialiser programs, and each subprocess (CLI, SIGKILL and multi-process tests) would compile them again.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official_tiny"
 

@@ -112,8 +112,10 @@ def test_notebook_executes_at_tiny_size(name, tmp_path, kernel_dirs):
         client.execute(env=_kernel_env(out))
     except CellExecutionError as e:
         pytest.fail(f"{name} failed at tiny size:\n{e}")
-    finally:  # keep the executed notebook for inspection
+    finally:  # keep the executed notebook for inspection; a kernel we started is ours to stop
         nbformat.write(nb, tmp_path / name)
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
     elapsed = time.perf_counter() - start
     print(f"{name}: executed in {elapsed:.1f} s", file=sys.stderr)
 

@@ -211,7 +211,7 @@ def test_init_from_official_checkpoint_stage3(official, tmp_path):
 def test_two_processes_match_one_process(stage1, tmp_path):
     """2 processes x 4 fake devices (jax.distributed on loopback) give the 1 x 8 losses."""
     _, _, _, history = stage1
-    c = _config()
+    c = _config(total_steps=3, checkpoint_every=3)  # the first 3 steps of the 1 x 8 run; one checkpoint
     env = {
         **os.environ,
         "NUM_PROCESSES": "2",
@@ -235,7 +235,8 @@ def test_two_processes_match_one_process(stage1, tmp_path):
     lines = (tmp_path / "run" / "tensorboard" / "metrics.jsonl").read_text().splitlines()
     losses = {m["step"]: m["loss"] for m in map(json.loads, lines)}
     expected = {h["step"]: h["loss"] for h in history if h["step"] in losses}
-    assert expected and all(abs(losses[s] - expected[s]) <= 1e-5 * abs(expected[s]) for s in expected), (
+    assert len(expected) == len(losses) == c.total_steps, (losses, expected)
+    assert all(abs(losses[s] - expected[s]) <= 1e-5 * abs(expected[s]) for s in expected), (
         losses,
         expected,
     )
