@@ -1,4 +1,5 @@
-"""Shared test fixtures: the official tiny fixture folder and helpers to move NCHW torch tensors to NHWC."""
+"""Shared test fixtures: the vendored official tiny fixture (``tests/fixtures/official_tiny``, see its README)
+and helpers to move NCHW torch tensors to NHWC."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().
 # initialiser programs, and each subprocess (CLI, SIGKILL and multi-process tests) would compile them again.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official_tiny"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "official_tiny"
 
 
 def nhwc(a):
@@ -31,5 +32,5 @@ def nhwc(a):
 @pytest.fixture(scope="session")
 def official():
     if not FIXTURES.is_dir():
-        pytest.fail(f"fixture folder {FIXTURES} is missing (expected ../shared/fixtures/official_tiny)")
+        pytest.fail(f"fixture folder {FIXTURES} is missing; it is part of the repository (git checkout tests/fixtures)")
     return FIXTURES
