@@ -1,7 +1,7 @@
 """The embedded demo: the paper's main claims reproduced at CPU scale, end to end, in one command.
 
     make demo                                   # = python -m jointnet_jax.demo --out runs/demo
-    python -m jointnet_jax.demo --config configs/demo.py:tiny --out /tmp/demo   # smoke-sized
+    python -m jointnet_jax.demo --config configs/demo.py:tiny --out runs/demo_tiny   # smoke-sized
 
 Nobody can download SD2.1 or COYO here, so the demo brings its own pre-trained model: stage 0 trains a
 small pixel-space text-to-image UNet on the synthetic world (``data/synthetic.py``; captions encoded by a
@@ -13,7 +13,7 @@ learns to read). Then, with the same budget each:
 
 The RGB eval loss of both, on held-out scenes with fixed noise and timesteps, is compared with the base
 model's throughout training (the output-preserving claim, paper Fig. 9 and App. A.1); JointNet then
-predicts depth from held-out images (image -> depth by channel-wise inpainting, §4) scored with the paper's
+predicts depth from held-out images (image -> depth by channel-wise inpainting, paper §4) scored with the paper's
 affine-invariant AbsRel (§5.2) against the exact synthetic depth, next to a constant-depth predictor; and
 jointly generates RGB + depth for held-out captions. The report folder holds the grids, ``metrics.json``
 and ``report.md``; the targets are checked and reported as met or missed, never tuned.
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -259,5 +260,12 @@ def main(argv):
     run(FLAGS.config or default_config(), FLAGS.out)
 
 
-if __name__ == "__main__":
+def cli():
+    """The ``jointnet-demo`` console script. absl's ``--help`` shows the ``__main__`` module's docstring, which for a
+    console script is the generated wrapper's (none), so this module's is put there."""
+    sys.modules["__main__"].__doc__ = __doc__
     app.run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -31,9 +31,14 @@ TILED_TASKS = {  # subcommand -> (help, default tiling preset)
 
 def _common(p: argparse.ArgumentParser):
     p.add_argument(
-        "--base", required=True, help="SD2.1-base-style diffusers folder: vae/ text_encoder/ tokenizer/ scheduler/"
+        "--base",
+        required=True,
+        help="SD2.1-base-style diffusers folder (vae/ text_encoder/ tokenizer/ scheduler/) or a Hub id "
+        "such as stabilityai/stable-diffusion-2-1-base (read from the local Hub cache when offline)",
     )
-    p.add_argument("--model", required=True, help="JointNet folder in the official layout (unet/ + jointnet/)")
+    p.add_argument(
+        "--model", required=True, help="JointNet folder in the official layout (unet/ + jointnet/) or a Hub id"
+    )
     p.add_argument("--prompt", action="append", default=[], help="repeatable")
     p.add_argument("--prompts-file", help="one prompt per line")
     p.add_argument("--negative-prompt", default="")
@@ -196,8 +201,8 @@ def run_task(args) -> list[Path]:
     record = {
         "task": args.task,
         "settings": settings.__dict__,
-        "base": str(Path(args.base).resolve()),
-        "model": str(Path(args.model).resolve()),
+        "base": _source(args.base),
+        "model": _source(args.model),
         "modality": args.modality,
         "dtype": args.dtype,
         "tiling": None if tiling is None else dataclasses.asdict(tiling),
@@ -210,6 +215,11 @@ def run_task(args) -> list[Path]:
     written = write_outputs(Path(args.out), result, batch_prompts, record, args.modality)
     print(f"wrote {len(written)} samples to {args.out} in {time.perf_counter() - start:.1f} s")
     return written
+
+
+def _source(name: str) -> str:
+    """How a model was given, for the record: a local folder's absolute path, or the Hub id as it is."""
+    return str(Path(name).resolve()) if Path(name).exists() else name
 
 
 def _tiling(args, pipe):

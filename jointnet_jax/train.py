@@ -39,5 +39,12 @@ def main(argv):
         print(f"trained to step {history[-1]['step']}, final loss {history[-1]['loss']:.4f}")
 
 
-if __name__ == "__main__":
+def cli():
+    """The ``jointnet-train`` console script. absl's ``--help`` shows the ``__main__`` module's docstring, which for a
+    console script is the generated wrapper's (none), so this module's is put there."""
+    sys.modules["__main__"].__doc__ = __doc__
     app.run(main)
+
+
+if __name__ == "__main__":
+    cli()

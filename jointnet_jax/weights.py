@@ -97,11 +97,36 @@ class TensorReader:
         return t.float().numpy() if t.dtype.is_floating_point else t.numpy()
 
 
-def checkpoint_files(folder: str | os.PathLike, stem: str = "diffusion_pytorch_model") -> list[Path]:
+def _weight_names(stem: str, ext: str, variant: str | None) -> tuple[str, str]:
+    """(single file, shard index) names of a diffusers/transformers weights file in precision ``variant``:
+    ``model.fp16.safetensors`` and ``model.safetensors.index.fp16.json`` (shards ``model.fp16-00001-of-...``)."""
+    if variant:
+        return f"{stem}.{variant}{ext}", f"{stem}{ext}.index.{variant}.json"
+    return f"{stem}{ext}", f"{stem}{ext}.index.json"
+
+
+def _variants_present(folder: Path, stems: list[str]) -> list[str]:
+    """Precision variants (``fp16``, ...) that ``folder`` has weights for, from the file names."""
+    found = set()
+    for s in stems:
+        for ext in (".safetensors", ".bin"):
+            for f in folder.glob(f"{s}.*{ext}"):
+                middle = f.name[len(s) + 1 : -len(ext)]
+                if middle and "." not in middle and "-of-" not in middle:
+                    found.add(middle)
+            for f in folder.glob(f"{s}{ext}.index.*.json"):
+                found.add(f.name[len(f"{s}{ext}.index.") : -len(".json")])
+    return sorted(found)
+
+
+def checkpoint_files(
+    folder: str | os.PathLike, stem: str = "diffusion_pytorch_model", variant: str | None = None
+) -> list[Path]:
     """The weight files of a diffusers/transformers model folder: safetensors first, then .bin, sharded or not.
 
     ``stem`` is ``diffusion_pytorch_model`` for diffusers models; transformers uses ``model`` (safetensors)
-    and ``pytorch_model`` (.bin).
+    and ``pytorch_model`` (.bin). ``variant`` (``"fp16"``) picks ``{stem}.fp16.safetensors`` and its sharded
+    form; with None the plain files are used, or the one variant present when there are no plain files.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -109,17 +134,25 @@ def checkpoint_files(folder: str | os.PathLike, stem: str = "diffusion_pytorch_m
     stems = [stem] if stem != "model" else ["model", "pytorch_model"]
     for s in stems:
         for ext in (".safetensors", ".bin"):
-            single = folder / f"{s}{ext}"
-            if single.is_file():
-                return [single]
-            index = folder / f"{s}{ext}.index.json"
+            single, index_name = _weight_names(s, ext, variant)
+            if (folder / single).is_file():
+                return [folder / single]
+            index = folder / index_name
             if index.is_file():
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                try:
+                    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                except (json.JSONDecodeError, KeyError, AttributeError) as e:
+                    raise WeightsError(f"{index} is not a valid shard index (JSON with a weight_map): {e}") from e
                 missing = [x for x in shards if not (folder / x).is_file()]
                 if missing:
                     raise FileNotFoundError(f"{index} lists shards that are missing: {', '.join(missing)}")
                 return [folder / x for x in shards]
-    raise FileNotFoundError(f"{folder} has no weights file ({stems[0]}.safetensors or .bin)")
+    present = _variants_present(folder, stems)
+    if variant is None and len(present) == 1:
+        return checkpoint_files(folder, stem, present[0])
+    wanted = f"{stems[0]}.{variant}.safetensors" if variant else f"{stems[0]}.safetensors or .bin"
+    hint = f"; it has the variants {', '.join(present)} (pass variant=...)" if present else ""
+    raise FileNotFoundError(f"{folder} has no weights file ({wanted}){hint}")
 
 
 def read_config(folder: str | os.PathLike) -> dict:
@@ -196,6 +229,7 @@ def fill(
     allow_missing: Callable[[str], bool] | None = None,
     ignore_unexpected: Callable[[str], bool] | None = None,
     sharding: Callable[[tuple, tuple], jax.sharding.Sharding | None] | None = None,
+    param_dtype=None,
 ) -> nnx.Module:
     """Return ``model`` (abstract or concrete) with every parameter taken from ``tensors``, strictly.
 
@@ -204,6 +238,8 @@ def fill(
     shape, else one ``WeightsError`` names the offending keys. ``allow_missing(key)`` lets named parameters
     start at zero (freshly added exchange convs); ``rename`` maps stored names (legacy VAE attention names)
     first; ``sharding(path, shape)`` places each parameter as it is read (multi-device loading).
+    Parameters keep the model's dtype (float32) whatever the stored one (fp16 variants are widened), unless
+    ``param_dtype`` asks for another.
     """
     stored = {(rename(k) if rename else k): k for k in tensors.keys()}
     graphdef, state = nnx.split(model)
@@ -224,7 +260,7 @@ def fill(
             model_shape = to_torch_layout(leaf, np.empty(shape, np.int8)).shape
             bad_shape.append(f"{key} (stored {tuple(to_torch_layout(leaf, value).shape)}, model {model_shape})")
             continue
-        value = value.astype(dtype)
+        value = value.astype(param_dtype or dtype)
         shard = sharding(path, shape) if sharding is not None else None
         new_leaves.append((path, var.replace(jax.device_put(value, shard) if shard else jnp.asarray(value))))
     unexpected = [k for k in stored if not (ignore_unexpected and ignore_unexpected(k))]
@@ -240,9 +276,9 @@ def fill(
     return nnx.merge(graphdef, nnx.from_flat_state(new_leaves))
 
 
-def load_folder(model: nnx.Module, folder, *, stem="diffusion_pytorch_model", **kw) -> nnx.Module:
+def load_folder(model: nnx.Module, folder, *, stem="diffusion_pytorch_model", variant=None, **kw) -> nnx.Module:
     """Fill ``model`` strictly from the weights in a diffusers/transformers model folder."""
-    files = checkpoint_files(folder, stem)
+    files = checkpoint_files(folder, stem, variant)
     return fill(model, TensorReader(files), source=str(folder), **kw)
 
 

@@ -563,5 +563,11 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     return counts
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """The ``jointnet-label`` console script (``main`` returns the counts, which are not an exit status)."""
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    cli()

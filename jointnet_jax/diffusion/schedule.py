@@ -178,7 +178,12 @@ def _check(ok: bool, key: str, value: Any, expected: Any) -> None:
 
 
 def load_schedule(folder: str | os.PathLike) -> NoiseSchedule:
-    """Read ``folder/scheduler_config.json`` (or ``folder/scheduler/scheduler_config.json``)."""
+    """Read ``folder/scheduler_config.json`` (or ``folder/scheduler/scheduler_config.json``); ``folder`` may be
+    a Hub id (``models.hub``)."""
+    from jointnet_jax.models import hub
+
+    if not os.path.exists(folder) and hub.is_hub_id(folder):
+        folder = hub.resolve(folder, what="scheduler folder", subfolders=["", "scheduler"])
     folder = os.fspath(folder)
     candidates = [
         os.path.join(folder, "scheduler_config.json"),

@@ -8,13 +8,13 @@ Only ``last_hidden_state`` is computed: the SD pipelines condition on it, not on
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jointnet_jax import weights
+from jointnet_jax.models import hub
 from jointnet_jax.models.layers import embed, layer_norm, linear
 
 _ACTIVATIONS = {
@@ -150,9 +150,13 @@ class CLIPTextModel(nnx.Module):
         return self.text_model(jnp.asarray(input_ids, jnp.int32))
 
 
-def load_text_encoder(path, *, dtype=jnp.float32, sharding=None) -> CLIPTextModel:
-    """A transformers ``text_encoder/`` folder (config.json + model.safetensors or pytorch_model.bin)."""
-    if not Path(path).is_dir():
+def load_text_encoder(
+    path, subfolder=None, *, dtype=jnp.float32, variant=None, param_dtype=None, sharding=None
+) -> CLIPTextModel:
+    """A transformers ``text_encoder/`` folder (config.json + model.safetensors or pytorch_model.bin; a local
+    folder or a Hub id, see ``models.hub``)."""
+    path = hub.resolve(path, subfolder, what="text encoder folder")
+    if not path.is_dir():
         raise FileNotFoundError(f"text encoder folder {path} does not exist")
     config = CLIPTextConfig.from_dict(weights.read_config(path))
     model = weights.abstract(lambda: CLIPTextModel(config, dtype=dtype, rngs=nnx.Rngs(0)))
@@ -160,17 +164,21 @@ def load_text_encoder(path, *, dtype=jnp.float32, sharding=None) -> CLIPTextMode
         model,
         path,
         stem="model",
+        variant=variant,
+        param_dtype=param_dtype,
         rename=lambda k: k if k.startswith(_PREFIX) else _PREFIX + k,
         ignore_unexpected=lambda k: k == _POSITION_IDS,
         sharding=sharding,
     )
 
 
-def load_tokenizer(path):
-    """The ``tokenizer/`` folder of a Stable Diffusion checkpoint as a transformers ``CLIPTokenizer``."""
+def load_tokenizer(path, subfolder=None):
+    """The ``tokenizer/`` folder of a Stable Diffusion checkpoint as a transformers ``CLIPTokenizer`` (a local
+    folder or a Hub id)."""
     from transformers import CLIPTokenizer
 
-    if not Path(path).is_dir():
+    path = hub.resolve(path, subfolder, what="tokenizer folder")
+    if not path.is_dir():
         raise FileNotFoundError(f"tokenizer folder {path} does not exist")
     return CLIPTokenizer.from_pretrained(str(path))
 

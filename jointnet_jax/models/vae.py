@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jointnet_jax import weights
+from jointnet_jax.models import hub
 from jointnet_jax.models.attention import Attention
 from jointnet_jax.models.layers import conv, group_norm
 from jointnet_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
@@ -276,10 +276,16 @@ def _rename_legacy_attention(key: str) -> str:
     return f"{key[: m.start()]}{m.group(1)}.{_LEGACY_NAMES[m.group(2)]}.{m.group(3)}"
 
 
-def load_vae(path, *, dtype=jnp.float32, sharding=None) -> AutoencoderKL:
-    """A diffusers ``vae/`` folder (config.json + weights), legacy attention names included."""
-    if not Path(path).is_dir():
+def load_vae(
+    path, subfolder=None, *, dtype=jnp.float32, variant=None, param_dtype=None, sharding=None
+) -> AutoencoderKL:
+    """A diffusers ``vae/`` folder (config.json + weights; a local folder or a Hub id, see ``models.hub``),
+    legacy attention names included."""
+    path = hub.resolve(path, subfolder, what="VAE folder")
+    if not path.is_dir():
         raise FileNotFoundError(f"VAE folder {path} does not exist")
     config = VAEConfig.from_dict(weights.read_config(path))
     model = weights.abstract(lambda: AutoencoderKL(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    return weights.load_folder(model, path, rename=_rename_legacy_attention, sharding=sharding)
+    return weights.load_folder(
+        model, path, variant=variant, rename=_rename_legacy_attention, sharding=sharding, param_dtype=param_dtype
+    )

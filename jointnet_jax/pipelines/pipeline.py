@@ -1,9 +1,9 @@
 """``Pipeline``: JointNet + VAE + text encoder + schedule, with one method per task.
 
-Encoding and decoding follow the official code (spec §3): depth is normalised inverse depth in [0, 1]
-(near = bright), fed as a gray image replicated to 3 channels through the RGB VAE; inputs are encoded with
-a posterior *sample* scaled by the VAE's scaling factor; each half of the joint latent is decoded
-separately and the dense half keeps channel 0 (depth) or all 3 (normals). Pixel-space models (no VAE,
+Encoding and decoding follow the official code (docs/official-differences.md): depth is normalised inverse
+depth in [0, 1] (near = bright), fed as a gray image replicated to 3 channels through the RGB VAE; inputs are
+encoded with a posterior *sample* scaled by the VAE's scaling factor; each half of the joint latent is
+decoded separately and the dense half keeps channel 0 (depth) or all 3 (normals). Pixel-space models (no VAE,
 ``vae=None``) use one ``PixelSpace`` codec per branch instead (RGB 3 channels, depth 1). All denoising
 goes through ``loop.denoise``; tiled tasks (panorama, refine, panorama inpainting) pass it a static
 ``tiles.TileGrid``.
@@ -24,6 +24,7 @@ from PIL import Image
 
 from jointnet_jax.diffusion.samplers import make_sampler
 from jointnet_jax.diffusion.schedule import NoiseSchedule, load_schedule
+from jointnet_jax.models import hub
 from jointnet_jax.models.clip_text import load_text_encoder, load_tokenizer
 from jointnet_jax.models.functional import compiled
 from jointnet_jax.models.jointnet import JointNet
@@ -36,6 +37,7 @@ from jointnet_jax.pretrained import load_jointnet
 
 WRAP_DECODE_COLUMNS = 8  # latent columns copied onto each side to decode a wrapped canvas (official)
 REFINE_PRESETS = {"both": "refine", "image": "image", "depth": "depth"}
+BASE_SUBFOLDERS = ("vae", "text_encoder", "tokenizer", "scheduler")  # what a pipeline reads from the base
 SCHEDULERS = {"ddim": "ddim", "dpmpp2m": "dpmpp_2m", "euler": "euler", "euler_a": "euler_ancestral"}
 
 
@@ -75,16 +77,20 @@ class Pipeline:
         self._text = compiled(text_encoder)
 
     @classmethod
-    def from_pretrained(cls, base, model, *, dtype=jnp.float32, modality="depth") -> Pipeline:
+    def from_pretrained(cls, base, model, *, dtype=jnp.float32, modality="depth", variant=None) -> Pipeline:
         """``base``: an SD2.1-base-style diffusers folder (vae/ text_encoder/ tokenizer/ scheduler/; without
         vae/ the model is pixel-space); ``model``: an official-layout JointNet folder (unet/ + jointnet/) or a
-        loaded model."""
-        base = Path(base)
-        jn = load_jointnet(model, dtype=dtype) if isinstance(model, str | Path) else model
+        loaded model. Both may be Hugging Face Hub ids (``stabilityai/stable-diffusion-2-1-base``), read from
+        the local Hub cache when offline (``models.hub``); ``variant="fp16"`` reads half-precision files into
+        float32 parameters."""
+        base = hub.resolve(base, what="base model folder", subfolders=BASE_SUBFOLDERS, variant=variant)
+        if not base.is_dir():
+            raise FileNotFoundError(f"base model folder {base} does not exist")
+        jn = load_jointnet(model, dtype=dtype, variant=variant) if isinstance(model, str | Path) else model
         return cls(
             jn,
-            load_vae(base / "vae", dtype=dtype) if (base / "vae").exists() else None,
-            load_text_encoder(base / "text_encoder", dtype=dtype),
+            load_vae(base / "vae", dtype=dtype, variant=variant) if (base / "vae").exists() else None,
+            load_text_encoder(base / "text_encoder", dtype=dtype, variant=variant),
             load_tokenizer(base / "tokenizer"),
             load_schedule(base / "scheduler"),
             modality=modality,
@@ -288,11 +294,15 @@ class Pipeline:
         lm_dense = jnp.asarray(latent_mask(m_dense, f))[..., None]
         generate = jnp.concatenate([jnp.repeat(lm_rgb, c_rgb, -1), jnp.repeat(lm_dense, c_dense, -1)], axis=-1)
         cond_rgb = cond_dense = None
-        if masked:
+        if self.jointnet.masked_input:
+            # A masked-input model always takes the conditioning; with it off, the model is told that nothing
+            # is known (masks 1, no masked latents: the stage-3 "none" masks) and only the replacement keeps
+            # the known region.
+            cm_rgb, cm_dense = (lm_rgb, lm_dense) if masked else (jnp.ones_like(lm_rgb), jnp.ones_like(lm_dense))
             given = known if known is not None else jnp.zeros((b, h, w, c_rgb + c_dense))
             kr, kd = given[..., :c_rgb], given[..., c_rgb:]
-            cond_rgb = jnp.concatenate([lm_rgb, (lm_rgb < 0.5) * kr], axis=-1)
-            cond_dense = jnp.concatenate([lm_dense, (lm_dense < 0.5) * kd], axis=-1)
+            cond_rgb = jnp.concatenate([cm_rgb, (cm_rgb < 0.5) * kr], axis=-1)
+            cond_dense = jnp.concatenate([cm_dense, (cm_dense < 0.5) * kd], axis=-1)
         x = noise * sampler.init_noise_sigma if s.strength == 1.0 else sampler.add_noise_at(known, noise, 0)
 
         guided = s.cfg > 1.0

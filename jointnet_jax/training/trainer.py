@@ -29,6 +29,7 @@ from jointnet_jax import weights
 from jointnet_jax.data import records, synthetic
 from jointnet_jax.data.input_pipeline import InputPipeline, PipelineConfig, make_global_batch
 from jointnet_jax.diffusion.schedule import load_schedule
+from jointnet_jax.models import hub
 from jointnet_jax.models.clip_text import load_text_encoder, load_tokenizer
 from jointnet_jax.models.direct_extend import DirectExtend
 from jointnet_jax.models.jointnet import JointNet
@@ -75,15 +76,20 @@ def pixel_space(config) -> bool:
 
 
 def resolve_base(base: str, workdir: Path, tiny_unet: dict | None = None, *, vae: bool = True) -> Path:
-    """``"tiny"`` means a tiny random SD-shaped base written once into the workdir (CPU configs);
-    ``tiny_unet`` overrides its UNet config, ``vae=False`` leaves out vae/ (pixel space)."""
+    """A local folder or a Hub id (``models.hub``). ``"tiny"`` means a tiny random SD-shaped base written once
+    into the workdir (CPU configs); ``tiny_unet`` overrides its UNet config, ``vae=False`` leaves out vae/
+    (pixel space)."""
     if base == "tiny":
         path = workdir / "tiny_base"
         if jax.process_index() == 0:
             ensure_tiny_base(path, unet=tiny_unet, vae=vae)
         sh.sync_processes("tiny_base")
         return path
-    path = Path(base)
+    path = hub.resolve(
+        base,
+        what="base model folder (config.base)",
+        subfolders=("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
+    )
     if not path.is_dir():
         raise FileNotFoundError(f"base model folder {path} does not exist (config.base)")
     return path
