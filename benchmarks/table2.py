@@ -1,7 +1,7 @@
 """Table 2 (paper §5.3) plumbing run: non-tiled vs MultiDiffusion vs our tiling on a tiny random model,
 through ``python -m jointnet_jax.evaluate_panorama``.
 
-    python benchmarks/table2.py --work /tmp/t2 --steps 20 --samples 2 --prompt "a beach" --prompt "a room"
+    python benchmarks/table2.py --work runs/table2 --steps 20 --samples 2 --prompt "a beach" --prompt "a room"
 
 Builds in ``--work`` (reused when present, so delete it to change ``--tile``): a tiny base with the 2-level
 UNet whose native tile is ``--tile`` latent pixels (the panorama is then 1 x 4 tiles, like 2048x512 for

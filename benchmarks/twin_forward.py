@@ -398,7 +398,7 @@ def main(argv=None) -> None:
         choices=["auto", "blockwise", "chunked", "reference", "xla"],
         help="force an attention kernel (benchmark-only override)",
     )
-    p.add_argument("--ckpt-dir", type=Path, default=Path("/tmp/jointnet_twin_sd21_random"))
+    p.add_argument("--ckpt-dir", type=Path, default=Path("runs/jointnet_twin_sd21_random"))
     p.add_argument("--ckpt-storage", choices=["fp32", "fp16"], default="fp32")
     p.add_argument("--keep-ckpt", action="store_true", help="keep the random checkpoint for later runs")
     p.add_argument("--part", choices=["params", "memory", "forward"], help=argparse.SUPPRESS)

@@ -17,8 +17,9 @@ Geometry, for an H x W panorama covering ``span`` degrees: ``LONG = span / 360 *
   ``z = d cos theta sin phi``, ``y = -d sin theta``.
 
 Both put the camera at the origin with y up (glTF's convention), and wind faces so their normals point
-at the camera. Fixes over the official tool: the 360-degree seam is closed (last column joins column 0),
-and triangles across depth discontinuities are dropped instead of stretched into "rubber sheets".
+at the camera. Fixes over the official tool (docs/official-differences.md): the 360-degree seam is closed
+(last column joins column 0), and triangles across depth discontinuities are dropped instead of stretched
+into "rubber sheets".
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # N local processes on 127.0.0.1, each with DEVICES fake CPU devices: a multi-host run on one machine.
-#   NUM_PROCESSES=2 DEVICES=4 launch/local.sh --config configs/sd21_depth.py:tiny --workdir /tmp/run
+#   NUM_PROCESSES=2 DEVICES=4 launch/local.sh --config configs/sd21_depth.py:tiny --workdir runs/local
 # Every extra argument goes to `python -m jointnet_jax.train`. Logs: $WORKDIR_LOGS (default ./local_logs)/process_i.log
 set -euo pipefail
 NUM_PROCESSES=${NUM_PROCESSES:-2}

@@ -235,7 +235,8 @@ def _ddim_tables(schedule: NoiseSchedule, ts: np.ndarray, num_steps: int, eta: f
     variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
     std_dev = eta * np.sqrt(variance)
     # Noise level entering step i: alpha_bar at ts[i]; after the last step the clean sample (alpha_bar 1), as
-    # the official inpainting pipelines paste x0 itself after the final step (not x0 at final_alpha_cumprod).
+    # the official inpainting pipelines paste x0 itself after the final step (not x0 at final_alpha_cumprod;
+    # docs/official-differences.md).
     a_in = _append(a_t, 1.0)
     tables = {
         "alpha": np.sqrt(a_t),

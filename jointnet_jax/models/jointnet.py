@@ -95,7 +95,8 @@ class JointNetBranch(UNet2DConditionModel):
         d.setdefault("joint_in_channels", None)
         if d["joint_in_channels"] is not None or self.joint_in_channels != self.config.in_channels:
             d["joint_in_channels"] = self.joint_in_channels
-        # The official class never persisted a flag changed after construction; we always write the truth.
+        # The official class never persisted a flag changed after construction; we always write the truth
+        # (docs/official-differences.md, "Exports write the true flag").
         d["has_masked_latent_input"] = self.masked_input
         return d
 

@@ -34,8 +34,9 @@ class LoopInputs:
     """Per-run arrays of the loop (all NHWC, joint latents = RGB | dense channels, 4 + 4 for SD).
 
     ``x``: starting latents (noise, or noised known latents for SDEdit); ``noise``: the fixed noise used to
-    re-noise known regions at every step (the official code reuses the initial noise); ``known``: clean
-    known latents; ``generate``: 1 where the loop generates, 0 where ``known`` is pasted back (per channel);
+    re-noise known regions at every step (the initial noise, reused as the official code does; see
+    docs/official-differences.md); ``known``: clean known latents; ``generate``: 1 where the loop generates,
+    0 where ``known`` is pasted back (per channel);
     ``cond_rgb``/``cond_dense``: the masked-latent conditioning (B, h, w, 5) or None; ``text``: prompt
     embeddings, [uncond; cond] when guided.
     """

@@ -24,8 +24,9 @@ Coherence tricks, each switchable in ``Tiling``:
     view contributes layout, a low-frequency field; ``nearest`` would paste blocks of one eps value. Its eps
     cannot carry the per-pixel noise between the sampled pixels; the tiles supply that.
 * random offset: per step, the grid moves by an offset in [0, stride) on each axis, drawn from the loop key,
-  so the seed fixes it (official bug 5: unseeded numpy). Without wrap a tile at 0 is added and the shifted
-  positions are clamped to the canvas; duplicates get weight 0.
+  so the seed fixes it (the official code draws it from numpy's unseeded global RNG; see
+  docs/official-differences.md). Without wrap a tile at 0 is added and the shifted positions are clamped to
+  the canvas; duplicates get weight 0.
 * border ramp: weights ``min(x + 0.5, T - 0.5 - x, r) / r`` along every axis that holds more than one tile
   (official: columns only for panoramas, both axes for upsampling), combined by ``min``.
 * wrap: columns are circular (360° panoramas).

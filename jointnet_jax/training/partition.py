@@ -1,7 +1,8 @@
 """Which parameters train in each stage (paper §3.4).
 
 Stage 1: the RGB branch's base parameters are frozen; the dense branch and the exchange layers of BOTH
-branches train (the masked-latent conv too, when present). Stages 2 and 3 train everything, and so does
+branches train (the masked-latent conv too, when present; the official ``freeze_main_unet`` would freeze a
+conv added after construction, see docs/official-differences.md). Stages 2 and 3 train everything, and so does
 stage 0 (the base UNet) and the Direct Extend baseline (one shared UNet: there is nothing to freeze). The
 split is done with ``nnx.split``, so frozen parameters are not differentiated and get no optimizer state.
 """
