@@ -40,8 +40,16 @@ def test_8bit_and_colour_depth(tmp_path):
 
 
 def test_npy_depth(tmp_path):
-    np.save(tmp_path / "ok.npy", np.full((3, 4, 1), 0.25, np.float32))
-    assert io_utils.read_depth(tmp_path / "ok.npy").shape == (3, 4)
+    values = np.random.default_rng(0).random((3, 4, 1)).astype(np.float32)
+    np.save(tmp_path / "ok.npy", values)
+    back = io_utils.read_depth(tmp_path / "ok.npy")
+    assert back.dtype == np.float32
+    np.testing.assert_array_equal(back, values[..., 0])  # float maps are used as stored, HW1 squeezed
+    np.save(tmp_path / "f64.npy", values[..., 0].astype(np.float64))
+    np.testing.assert_allclose(io_utils.read_depth(tmp_path / "f64.npy"), values[..., 0], rtol=1e-7)
+    np.save(tmp_path / "int.npy", np.zeros((3, 4), np.uint8))
+    with pytest.raises(ValueError, match=r"int\.npy.*floating point"):
+        io_utils.read_depth(tmp_path / "int.npy")
     np.save(tmp_path / "high.npy", np.full((3, 4), 1.5))
     with pytest.raises(ValueError, match=r"high\.npy.*\[0, 1\]"):
         io_utils.read_depth(tmp_path / "high.npy")

@@ -114,29 +114,103 @@ def test_one_denoising_step_matches_official(base, official, fixture_pipe):
     np.testing.assert_allclose(x_prev, np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * e, atol=1e-4, rtol=0)
 
 
-def test_depth_task_keeps_the_known_image_latents(pipe):
-    image = np.random.default_rng(1).uniform(size=(SIZE, SIZE, 3)).astype(np.float32)
-    out = pipe.depth(["a cat", "a dog"], image, steps=3, seed=3)
+@pytest.fixture
+def record_steps(monkeypatch):
+    """The latents after every step of the compiled loop, sent to the host by a callback. The loop is traced
+    again with the recording step, and its cache is cleared afterwards so that no other test runs it."""
+    seen = {}
+    original = loop.loop_step
+
+    def recording(*args, **kwargs):
+        x, state = original(*args, **kwargs)
+        jax.debug.callback(lambda i, x: seen.__setitem__(int(i), np.asarray(x)), args[7], x)  # args[7]: step i
+        return x, state
+
+    monkeypatch.setattr(loop, "loop_step", recording)
+    loop.denoise.clear_cache()
+    yield seen
+    loop.denoise.clear_cache()
+
+
+@pytest.fixture
+def loop_inputs(monkeypatch):
+    """The ``LoopInputs`` each pipeline run hands to the compiled loop."""
+    seen = []
+    original = loop.denoise
+
+    def recording(graphdef, state, sampler, inputs, *args, **kwargs):
+        seen.append(inputs)
+        return original(graphdef, state, sampler, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "denoise", recording)
+    return seen
+
+
+def _known_latents(p, seed, rgb, dense_rgb):
+    """The pipeline's known latents: one VAE batch [RGB inputs; dense inputs] from the seed's VAE key."""
+    key_vae = jax.random.split(jax.random.key(seed), 3)[1]
+    lat = np.asarray(p.encode_images(np.concatenate([rgb, dense_rgb]), key_vae))
+    return lat[: len(rgb)], lat[len(rgb) :]
+
+
+def test_depth_task_keeps_the_known_image_latents(fixture_pipe, record_steps):
+    """Image -> depth with the fixture's non-zero exchange layers: at every step the RGB latent is the known
+    latent re-noised to the next timestep, add_noise(known, eps, t) with the initial noise; after the last step
+    it is the clean known latent; the depth is generated and depends on the image (through the exchange)."""
+    rng = np.random.default_rng(1)
+    image, other = rng.uniform(size=(2, SIZE, SIZE, 3)).astype(np.float32)
+    noise = rng.standard_normal((2, SIZE // 2, SIZE // 2, 8), dtype=np.float32)
+    out = fixture_pipe.depth(["a cat", "a dog"], image, steps=3, seed=3, init_noise=noise)
     assert out["rgb"].shape == (2, SIZE, SIZE, 3) and out["depth"].shape == (2, SIZE, SIZE)
-    key_vae = jax.random.split(jax.random.key(3), 3)[1]
-    known = pipe.encode_images(np.stack([image, image, 0 * image, 0 * image]), key_vae)[:2]
-    np.testing.assert_array_equal(out["latents"][..., :4], np.asarray(known))
-    assert not np.allclose(out["latents"][..., 4:], 0)
+    known, _ = _known_latents(fixture_pipe, 3, np.stack([image, image]), np.zeros((2, SIZE, SIZE, 3)))
+    np.testing.assert_array_equal(out["latents"][..., :4], known)
+    timesteps = fixture_pipe.sampler("ddim", 3).timesteps
+    acp = fixture_pipe.schedule.alphas_cumprod.astype(np.float64)
+    for i in range(2):  # after step i the known region is at timestep t_{i+1}
+        a = acp[int(timesteps[i + 1])]
+        renoised = np.sqrt(a) * known + np.sqrt(1 - a) * noise[..., :4]
+        np.testing.assert_allclose(record_steps[i][..., :4], renoised, atol=1e-5, rtol=0)
+        dense_if_kept = np.sqrt(a) * 0 + np.sqrt(1 - a) * noise[..., 4:]
+        assert np.abs(record_steps[i][..., 4:] - dense_if_kept).max() > 1e-2  # the depth side is generated
+    changed = fixture_pipe.depth(["a cat", "a dog"], other, steps=3, seed=3, init_noise=noise)
+    assert np.abs(changed["latents"][..., 4:] - out["latents"][..., 4:]).max() > 1e-3  # conditioned on the image
 
 
-def test_inpaint_with_masked_conditioning(base, official):
-    """The official inpainting model: masked-latent conditioning on, unmasked regions pasted back."""
+def test_inpaint_with_masked_conditioning(base, official, loop_inputs):
+    """The official inpainting model, batch 2 with a different mask per element, one of them off the latent grid:
+    the masked-latent conditioning each branch receives is [latent mask | latent where kept], with the latent
+    mask the nearest sample of the pixel mask (torch's F.interpolate, as the official pipeline), and each
+    element's kept regions are pasted back exactly."""
     p = jj.Pipeline.from_pretrained(base, official / "rgbd_inpaint")
     rng = np.random.default_rng(2)
-    image, depth = rng.uniform(size=(SIZE, SIZE, 3)), rng.uniform(size=(SIZE, SIZE))
-    mask = np.zeros((SIZE, SIZE), np.float32)
-    mask[:, SIZE // 2 :] = 1
-    out = p.inpaint("a cat", image, depth, mask, 1 - mask, steps=2, seed=0, strength=0.9)
-    key_vae = jax.random.split(jax.random.key(0), 3)[1]
-    lat = np.asarray(p.encode_images(np.stack([image, np.repeat(depth[..., None], 3, -1)]), key_vae))
-    half = SIZE // 4  # latent columns
-    np.testing.assert_array_equal(out["latents"][0, :, :half, :4], lat[0, :, :half])  # RGB kept on the left
-    np.testing.assert_array_equal(out["latents"][0, :, half:, 4:], lat[1, :, half:])  # depth kept on the right
+    image, depth = rng.uniform(size=(2, SIZE, SIZE, 3)), rng.uniform(size=(2, SIZE, SIZE))
+    mask = np.zeros((2, SIZE, SIZE), np.float32)
+    mask[0, :, SIZE // 2 :] = 1  # on the latent grid: the right half
+    mask[1, 3:21, 5:28] = 1  # odd borders: off the 2-pixel latent grid
+    depth_mask = 1 - mask
+    depth_mask[1, :7] = 1
+    out = p.inpaint(["a cat", "a dog"], image, depth, mask, depth_mask, steps=2, seed=0, strength=0.9)
+    known_rgb, known_dense = _known_latents(p, 0, image, np.repeat(depth[..., None], 3, -1))
+
+    def latent_mask(m):  # the official nearest interpolation, NCHW
+        t = torch.nn.functional.interpolate(torch.from_numpy(m[:, None]), size=(SIZE // 2, SIZE // 2), mode="nearest")
+        return t.numpy()[:, 0, :, :, None]
+
+    lm_rgb, lm_dense = latent_mask(mask), latent_mask(depth_mask)
+    assert not np.array_equal(lm_rgb[0], lm_rgb[1]) and 0 < lm_rgb[1].mean() < 1
+    (inputs,) = loop_inputs
+    np.testing.assert_array_equal(inputs.cond_rgb, np.concatenate([lm_rgb, (lm_rgb < 0.5) * known_rgb], -1))
+    np.testing.assert_array_equal(inputs.cond_dense, np.concatenate([lm_dense, (lm_dense < 0.5) * known_dense], -1))
+    np.testing.assert_array_equal(
+        inputs.generate, np.concatenate([np.repeat(lm_rgb, 4, -1), np.repeat(lm_dense, 4, -1)], -1)
+    )
+    kept_rgb, kept_dense = (
+        np.broadcast_to(lm_rgb == 0, known_rgb.shape),
+        np.broadcast_to(lm_dense == 0, known_dense.shape),
+    )
+    np.testing.assert_array_equal(out["latents"][..., :4][kept_rgb], known_rgb[kept_rgb])
+    np.testing.assert_array_equal(out["latents"][..., 4:][kept_dense], known_dense[kept_dense])
+    assert np.abs(out["latents"][..., :4][~kept_rgb] - known_rgb[~kept_rgb]).max() > 1e-2  # repainted
 
 
 def test_bad_inputs_give_clear_errors(pipe):

@@ -67,8 +67,12 @@ def test_pixel_jointnet_preserves_base_and_round_trips(base, tmp_path):
     assert (jn.unet.joint_in_channels, jn.jointnet.joint_in_channels) == (1, 3)
     rgb, depth, t, text = _inputs()
     eps_rgb, eps_dense = compiled(jn)(rgb, depth, t, text)
-    np.testing.assert_allclose(eps_rgb, compiled(unet)(rgb, t, text), atol=WIDENED_ATOL, rtol=0)
-    assert eps_dense.shape == depth.shape
+    run_unet = compiled(unet)
+    np.testing.assert_allclose(eps_rgb, run_unet(rgb, t, text), atol=WIDENED_ATOL, rtol=0)
+    # The dense branch is the base with conv_in keeping its first input channel and conv_out its first output
+    # channel: the base's first output channel on the depth padded with zero channels.
+    padded = jnp.concatenate([depth, jnp.zeros_like(rgb[..., 1:])], axis=-1)
+    np.testing.assert_allclose(eps_dense, run_unet(padded, t, text)[..., :1], atol=WIDENED_ATOL, rtol=0)
     jn.save(tmp_path / "jn")
     back = jj.load_jointnet(tmp_path / "jn")
     assert back.channels == (3, 1)
@@ -104,5 +108,10 @@ def test_pixel_pipeline_depth_keeps_the_image(base):
     out = pipe.depth(["a red sphere"], image, steps=2, cfg=2.0, progress=False)
     assert out["latents"].shape == (1, 8, 8, 4) and out["depth"].shape == (1, 8, 8)
     np.testing.assert_allclose(out["rgb"][0], image, atol=1e-6)  # known RGB pasted back exactly
+    # Pixel space decodes the dense channel directly: depth = clip(x / 2 + 0.5, 0, 1) of the final latent.
+    np.testing.assert_allclose(out["depth"], np.clip(out["latents"][..., 3] / 2 + 0.5, 0, 1), atol=1e-6)
+    assert np.abs(out["latents"][..., 3]).max() > 1e-3  # the depth was generated, not left at zero
     gen = pipe.generate(["a red sphere"], steps=2, height=8, width=8, progress=False)
-    assert gen["rgb"].shape == (1, 8, 8, 3) and np.isfinite(gen["depth"]).all()
+    assert gen["rgb"].shape == (1, 8, 8, 3)
+    np.testing.assert_allclose(gen["rgb"], np.clip(gen["latents"][..., :3] / 2 + 0.5, 0, 1), atol=1e-6)
+    np.testing.assert_allclose(gen["depth"], np.clip(gen["latents"][..., 3] / 2 + 0.5, 0, 1), atol=1e-6)

@@ -46,9 +46,24 @@ def test_depth_png_is_16_bit_and_exact_on_the_grid():
 
 
 def test_jpeg_images_decode():
+    """JPEG records decode to the pixels Pillow decodes from the same JPEG bytes, and those are close to the
+    original (lossy, so within a few levels on a smooth image)."""
+    import io
+
+    from PIL import Image
+    from tensorflow_datasets.proto import tf_example_pb2
+
     example = _example(size=(16, 16))
-    decoded = records.decode_example(records.encode_example(example, image_format="jpeg"))
-    assert decoded.image.shape == (16, 16, 3)
+    yy, xx = np.mgrid[0:16, 0:16]
+    example.image = np.stack([yy * 16, xx * 16, (yy + xx) * 8], -1).astype(np.uint8)  # smooth ramps
+    encoded = records.encode_example(example, image_format="jpeg")
+    decoded = records.decode_example(encoded)
+    assert decoded.image.shape == (16, 16, 3) and decoded.image.dtype == np.uint8
+    proto = tf_example_pb2.Example.FromString(encoded)
+    jpeg = proto.features.feature["image"].bytes_list.value[0]
+    assert jpeg[:2] == b"\xff\xd8"  # really stored as JPEG
+    np.testing.assert_array_equal(decoded.image, np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")))
+    assert np.abs(decoded.image.astype(int) - example.image).mean() < 4
 
 
 @pytest.mark.parametrize(
