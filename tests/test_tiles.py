@@ -175,7 +175,8 @@ def test_resized_full_view_panorama_sees_only_tile_sized_inputs_and_reproduces(p
 
 
 def test_tile_text_pairs_each_canvas_with_its_prompt():
-    """Several canvases per run (official bug 6): each tile of canvas b is guided by prompt b's embeddings."""
+    """Several canvases per run (the official panorama pipeline only works at batch 1): each tile of canvas b is
+    guided by prompt b's embeddings."""
     b, grid = 2, TileGrid(WRAPPED, 8, 32)
     text = jnp.arange(2 * b, dtype=jnp.float32)[:, None, None]  # [uncond 0, 1; cond 2, 3]
 
@@ -197,19 +198,50 @@ def test_one_tile_canvas_equals_non_tiled(pipe):
     np.testing.assert_allclose(tiled["latents"], whole["latents"], atol=2e-5, rtol=0)
 
 
-def test_seed_fixes_offsets_and_panorama(panoramas):
+def test_seed_fixes_offsets_and_panorama(pipe, panoramas, monkeypatch):
+    """The grid offsets the compiled loop really uses, recorded from inside it, are the documented derivation
+    from the seed (the run key's third split, folded with the step, then with stream 1, drawn in [0, stride)):
+    the same for the same seed, different for another, so the seed fixes the panorama."""
     a, b, c = panoramas["a"], panoramas["b"], panoramas["c"]
     assert a["rgb"].shape == (2, 16, 64, 3) and a["depth"].shape == (2, 16, 64)
     np.testing.assert_array_equal(a["latents"], b["latents"])
     np.testing.assert_array_equal(a["rgb"], b["rgb"])
     assert not np.allclose(a["latents"], c["latents"])  # same noise, different seed: only the offsets differ
-    grid = TileGrid(WRAPPED, 8, 32)
 
-    def offsets(seed):  # the loop's derivation: fold the step, then stream 1
-        key = jax.random.split(jax.random.key(seed), 3)[2]
-        return [tuple(np.asarray(grid.offsets(jax.random.fold_in(jax.random.fold_in(key, i), 1)))) for i in range(2)]
+    seen = []
+    offsets = TileGrid.offsets
 
-    assert offsets(0) == offsets(0) and offsets(0) != offsets(1)
+    def recording(self, key):
+        value = offsets(self, key)
+        jax.debug.callback(lambda v: seen.append(tuple(int(x) for x in v)), value, ordered=True)
+        return value
+
+    monkeypatch.setattr(TileGrid, "offsets", recording)
+    loop.denoise.clear_cache()  # retrace, so that the loop calls the recording version
+    noise = np.asarray(jax.random.normal(jax.random.key(9), (2, 8, 32, 8)))  # as in the panoramas fixture
+    kw = dict(steps=2, progress=False, tiling=WRAPPED, init_noise=noise, **PANO)
+    recorded = []
+    try:
+        for seed in (0, 0, 1):
+            seen.clear()
+            latents = pipe.panorama(["a cat", "a dog"], seed=seed, **kw)["latents"]
+            jax.effects_barrier()
+            recorded.append((list(seen), latents))
+    finally:
+        monkeypatch.undo()
+        loop.denoise.clear_cache()  # drop the recording trace
+
+    def derived(seed):  # pipeline.run: key_loop = split(key(seed), 3)[2]; loop_step/tiled_eps: fold step, then 1
+        key_loop = jax.random.split(jax.random.key(seed), 3)[2]
+        keys = [jax.random.fold_in(jax.random.fold_in(key_loop, i), 1) for i in range(2)]
+        return [tuple(int(x) for x in jax.random.randint(k, (2,), 0, WRAPPED.stride)) for k in keys]
+
+    (s0, lat0), (s0_again, lat0_again), (s1, lat1) = recorded
+    assert s0 == derived(0) and s0_again == derived(0) and s1 == derived(1)
+    assert s0 != s1
+    np.testing.assert_array_equal(lat0, a["latents"])  # the recorded runs are the fixture's runs
+    np.testing.assert_array_equal(lat0_again, a["latents"])
+    np.testing.assert_array_equal(lat1, c["latents"])
 
 
 def test_wrap_is_seamless(panoramas):
@@ -218,7 +250,7 @@ def test_wrap_is_seamless(panoramas):
     np.testing.assert_allclose(rolled, np.roll(a, WRAPPED.stride, axis=2), atol=2e-5, rtol=0)
 
 
-def test_cli_panorama_then_refine(model_dirs, tmp_path):
+def test_cli_panorama_then_refine(model_dirs, pipe, tmp_path):
     base, twin = model_dirs
     common = ["--base", str(base), "--model", str(twin), "--prompt", "a cat", "--prompt", "a dog", "--steps", "2"]
     pano = ["panorama", *common, "--height", "16", "--width", "64", "--wrap", "--stride", "4", "--tile-batch", "3"]
@@ -233,6 +265,21 @@ def test_cli_panorama_then_refine(model_dirs, tmp_path):
     assert np.load(tmp_path / "ref" / "0000.npz")["depth"].shape == (16, 64)
     meta = (tmp_path / "ref" / "0000.json").read_text()  # official upsample settings
     assert '"strength": 0.4' in meta and '"random_offset": false' in meta and '"full_view_fraction": 0.0' in meta
+    # The CLI equals the API with the same settings (seed 0, strength 0.4, the upsample tiling).
+    image = io_utils.read_image(tmp_path / "pano" / "0000_rgb.png")
+    depth = io_utils.read_depth(tmp_path / "pano" / "0000_depth.png")
+    api = pipe.refine("a cat", image, depth, preset="depth", scale=1, steps=5)
+    refined = np.load(tmp_path / "ref" / "0000.npz")
+    np.testing.assert_allclose(refined["rgb"], api["rgb"][0], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(refined["depth"], api["depth"][0], atol=1e-6, rtol=0)
+    # Preset depth keeps the image: its RGB is the VAE round trip of the input (the seed's posterior sample of
+    # [image; depth], pipeline.run), while the depth is regenerated, unlike the input and its round trip.
+    key_vae = jax.random.split(jax.random.key(0), 3)[1]
+    known = pipe.encode_images(np.stack([image, np.repeat(depth[..., None], 3, -1)]), key_vae)
+    np.testing.assert_array_equal(api["latents"][0, ..., :4], np.asarray(known[0]))
+    np.testing.assert_allclose(refined["rgb"], pipe.decode_latents(known[:1])[0], atol=1e-5, rtol=0)
+    kept_depth = pipe.decode_latents(known[1:])[0, ..., 0]
+    assert np.abs(refined["depth"] - depth).max() > 0.05 and np.abs(refined["depth"] - kept_depth).max() > 0.05
 
 
 def test_bad_input_gives_clear_errors(pipe, model_dirs, tmp_path, capsys):
