@@ -62,7 +62,7 @@ def run_child(script: str, argv: list[str], env: dict | None = None) -> list[dic
 
 
 def scheduler_config() -> dict:
-    from jointnet_jax.tiny_base import SCHEDULER  # stabilityai/stable-diffusion-2-1-base scheduler_config.json
+    from jointnet_jax.models.tiny import SCHEDULER  # stabilityai/stable-diffusion-2-1-base scheduler_config.json
 
     return SCHEDULER
 

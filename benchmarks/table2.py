@@ -1,5 +1,5 @@
 """Table 2 (paper §5.3) plumbing run: non-tiled vs MultiDiffusion vs our tiling on a tiny random model,
-through ``python -m jointnet_jax.evaluate_panorama``.
+through ``jointnet-evaluate panorama``.
 
     python benchmarks/table2.py --work runs/table2 --steps 20 --samples 2 --prompt "a beach" --prompt "a room"
 
@@ -28,7 +28,7 @@ PROMPTS = ("a beach with palm trees", "a living room", "a city street at night")
 def build(work: Path, tile: int) -> tuple[Path, Path, Path]:
     """(base, twin, LPIPS weights) in ``work``, written on first use."""
     import jointnet_jax as jj
-    from jointnet_jax.tiny_base import UNET_2LEVEL, ensure_tiny_base
+    from jointnet_jax.models.tiny import UNET_2LEVEL, ensure_tiny_base
 
     base = ensure_tiny_base(work / "base", unet={**UNET_2LEVEL, "sample_size": tile})
     twin = work / "twin"
@@ -36,7 +36,7 @@ def build(work: Path, tile: int) -> tuple[Path, Path, Path]:
         jj.JointNet.from_unet(jj.load_unet(base / "unet")).save(twin)
     weights = work / "lpips_alex_random.pth"
     if not weights.is_file():
-        from jointnet_jax.evaluate_panorama import write_random_lpips_weights
+        from jointnet_jax.evaluation.panorama import write_random_lpips_weights
 
         write_random_lpips_weights(weights)
     return base, twin, weights
@@ -50,14 +50,14 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=3, help="seeds per prompt")
     p.add_argument("--prompt", action="append", help=f"default: {', '.join(PROMPTS)}")
     args = p.parse_args(argv)
-    from jointnet_jax import evaluate_panorama
+    from jointnet_jax import evaluate
 
     base, twin, weights = build(args.work, args.tile)
     height = 2 * args.tile  # the tiny VAE's factor
     print(f"host {platform.node()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f} at the start", flush=True)
     prompts = [x for prompt in args.prompt or PROMPTS for x in ("--prompt", prompt)]
-    rc = evaluate_panorama.main(
-        ["--base", str(base), "--model", str(twin), *prompts, "--samples", str(args.samples)]
+    rc = evaluate.main(
+        ["panorama", "--base", str(base), "--model", str(twin), *prompts, "--samples", str(args.samples)]
         + ["--steps", str(args.steps), "--height", str(height), "--width", str(4 * height)]
         + ["--lpips-weights", str(weights), "--out", str(args.work / "table2.json")]
     )

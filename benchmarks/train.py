@@ -80,7 +80,7 @@ FLAG_SETS = {"default": "", "memory_scheduler": "--xla_cpu_scheduler_type=CPU_SC
 
 
 def write_random(model, folder: Path, config: dict, stem="diffusion_pytorch_model") -> None:
-    from jointnet_jax import weights
+    from jointnet_jax.models import weights
 
     model = weights.fill(model, RandomTensors(model), source="random")
     weights.save_folder(model, folder, config, stem=stem)
@@ -93,11 +93,11 @@ def write_sd21_base(out: Path) -> Path:
 
     from flax import nnx
 
-    from jointnet_jax import weights
+    from jointnet_jax.models import weights
     from jointnet_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+    from jointnet_jax.models.tiny import SCHEDULER, text_config, write_tokenizer
     from jointnet_jax.models.unet import UNet2DConditionModel, UNetConfig
     from jointnet_jax.models.vae import AutoencoderKL, VAEConfig
-    from jointnet_jax.tiny_base import SCHEDULER, text_config, write_tokenizer
 
     if (out / "unet" / "config.json").is_file():
         return out
@@ -120,7 +120,7 @@ def write_sd21_base(out: Path) -> Path:
 
 def base_folder(args) -> Path:
     if args.config == "tiny":
-        from jointnet_jax.tiny_base import ensure_tiny_base
+        from jointnet_jax.models.tiny import ensure_tiny_base
 
         return ensure_tiny_base(args.base_dir)
     return write_sd21_base(args.base_dir)
@@ -179,10 +179,8 @@ def fallback_step(config):
     from flax import nnx
 
     from jointnet_jax.diffusion.schedule import load_schedule
-    from jointnet_jax.models.clip_text import load_text_encoder, load_tokenizer
     from jointnet_jax.models.jointnet import JointNet
-    from jointnet_jax.models.vae import load_vae
-    from jointnet_jax.pretrained import load_unet
+    from jointnet_jax.models.loading import load_text_encoder, load_tokenizer, load_unet, load_vae
     from jointnet_jax.training.metrics import compiled_flops, compiled_memory
     from jointnet_jax.training.objective import LossSettings, joint_loss
     from jointnet_jax.training.optimizer import make_optimizer
@@ -196,7 +194,7 @@ def fallback_step(config):
     text_def, text_state = nnx.split(load_text_encoder(base / "text_encoder", dtype=dtype))
     tokenizer, schedule = load_tokenizer(base / "tokenizer"), load_schedule(base / "scheduler")
     tx, _ = make_optimizer(config)
-    settings = LossSettings(config.modality, config.text_drop, config.noise_offset, config.stage)
+    settings = LossSettings(config.modality, config.text_drop, config.noise_offset, config.stage == 3)
 
     def ids(texts):
         out = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="np")
@@ -221,7 +219,7 @@ def fallback_step(config):
     b, r = config.batch_size, config.data.resolution
     rng = np.random.default_rng(0)
     batch = dict(
-        image=jnp.asarray(rng.uniform(-1, 1, (b, r, r, 3)).astype(np.float32)),  # InputPipeline._collate's format
+        image=jnp.asarray(rng.uniform(-1, 1, (b, r, r, 3)).astype(np.float32)),  # Loader._collate's format
         depth=jnp.asarray(np.repeat(rng.uniform(-1, 1, (b, r, r, 1)), 3, -1).astype(np.float32)),
         index=jnp.arange(b, dtype=jnp.int32),
         input_ids=ids(["a red sphere"] * b),

@@ -93,7 +93,7 @@ def jax_dtype(name):
 def abstract_twin(dtype="fp32"):
     from flax import nnx
 
-    from jointnet_jax import weights
+    from jointnet_jax.models import weights
     from jointnet_jax.models.jointnet import JointNet
     from jointnet_jax.models.unet import UNetConfig
 
@@ -111,7 +111,7 @@ class RandomTensors:
         import numpy as np
         from flax import nnx
 
-        from jointnet_jax import weights
+        from jointnet_jax.models import weights
 
         self.shapes = {}
         for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
@@ -139,7 +139,7 @@ class RandomTensors:
 
 
 def random_twin(dtype="fp32"):
-    from jointnet_jax import weights
+    from jointnet_jax.models import weights
 
     model = abstract_twin(dtype)
     return weights.fill(model, RandomTensors(model), source="random")
@@ -395,7 +395,7 @@ def main(argv=None) -> None:
     p.add_argument(
         "--attention",
         default="auto",
-        choices=["auto", "blockwise", "chunked", "reference", "xla"],
+        choices=["auto", "blockwise", "reference", "xla"],
         help="force an attention kernel (benchmark-only override)",
     )
     p.add_argument("--ckpt-dir", type=Path, default=Path("runs/jointnet_twin_sd21_random"))

@@ -4,10 +4,10 @@ with the same budget, then sampling and evaluation on held-out scenes.
 
 ``configs/demo.py`` is the full run (~15 min on a 2-core CPU); ``configs/demo.py:tiny`` is a smoke-sized
 run (tests, the quickstart notebook). Any key can be overridden: ``--config.demo.joint_steps=200``. The
-values live in ``jointnet_jax.demo_config.default_config`` so the installed package (and the notebook) has them.
+values live in ``jointnet_jax.demo.config.default_config`` so the installed package (and the notebook) has them.
 """
 
-from jointnet_jax.demo_config import default_config
+from jointnet_jax.demo.config import default_config
 
 
 def get_config(arg: str = ""):

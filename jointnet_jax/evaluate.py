@@ -1,9 +1,10 @@
-"""``python -m jointnet_jax.evaluate {depth,images,panorama} ...``: the paper's evaluation (§5.2, §5.3).
+"""``jointnet-evaluate {depth,images,panorama} ...`` (``python -m jointnet_jax.evaluate``): the paper's
+evaluation (§5.2, §5.3), over the ``jointnet_jax.evaluation`` package.
 
 Every result is a JSON file (written atomically) and a one-line summary on stdout. Nothing is downloaded;
 every network comes from a local path.
 
-**depth** -- affine-invariant depth metrics (AbsRel, disparity RMSE, delta1; ``jointnet_jax.depth_metrics``)
+**depth** -- affine-invariant depth metrics (AbsRel, disparity RMSE, delta1; ``evaluation/depth.py``)
 of predicted disparity against GT depth, matched by file stem. MegaDepth-style layout::
 
     megadepth_eval/
@@ -17,13 +18,13 @@ image per run, and keep the 16-bit depth under the image's stem, at the GT's res
 ran at another size)::
 
     for f in megadepth_eval/images/*.jpg; do s=$(basename "$f" .jpg)
-      python -m jointnet_jax.sample depth --base SD21 --model JOINTNET --image "$f" --prompt "" --out "tmp/$s" \\
+      jointnet-sample depth --base SD21 --model JOINTNET --image "$f" --prompt "" --out "tmp/$s" \\
         && cp "tmp/$s/0000_depth.png" "megadepth_eval/pred/$s.png"
     done
-    python -m jointnet_jax.evaluate depth --pred megadepth_eval/pred --gt megadepth_eval/gt --out depth.json
+    jointnet-evaluate depth --pred megadepth_eval/pred --gt megadepth_eval/gt --out depth.json
 
 **images** -- FID (with ``--real``), IS (with ``--inception-weights``) and CLIP score (with ``--clip-model``)
-of a folder of generated images (``jointnet_jax.image_metrics``). FID and IS read torch-fidelity's
+of a folder of generated images (``evaluation/images.py``). FID and IS read torch-fidelity's
 Inception-v3 weights file ``weights-inception-2015-12-05-6726825d.pth`` (download it once from torch-fidelity's
 v0.2.0 GitHub release); CLIP score reads a transformers CLIP folder, e.g. one saved with
 ``hf download openai/clip-vit-large-patch14 --local-dir clip-vit-large-patch14`` on a machine online. ``--prompts``
@@ -32,15 +33,19 @@ select the RGB images with ``--pattern '*_rgb.png'`` and build the prompts from 
 
     python -c "import json, pathlib; d = pathlib.Path('samples'); json.dump({f'{p.stem}_rgb.png':
         json.loads(p.read_text())['prompt'] for p in d.glob('[0-9]*.json')}, open('prompts.json', 'w'))"
-    python -m jointnet_jax.evaluate images --fake samples --pattern '*_rgb.png' --real coco_val_512 \\
+    jointnet-evaluate images --fake samples --pattern '*_rgb.png' --real coco_val_512 \\
         --inception-weights weights-inception-2015-12-05-6726825d.pth \\
         --clip-model clip-vit-large-patch14 --prompts prompts.json --out images.json
 
 All images of one folder must share a size (resize real images to the generated size first, as usual for
 FID). ``--device cuda`` runs the networks on a GPU (the default when torch sees one).
 
-**panorama** -- intra-LPIPS and time per panorama (Table 2); its arguments are those of
-``python -m jointnet_jax.evaluate_panorama --help``.
+**panorama** -- intra-LPIPS and time per panorama for non-tiled generation, MultiDiffusion and our tiling
+(Table 2; ``evaluation/panorama.py``), with the sampling flags of ``jointnet-sample`` (``--dtype``,
+``--sampler``, ``--cfg``, ...)::
+
+    jointnet-evaluate panorama --base SD21 --model JOINTNET --prompts-file prompts.txt --samples 20 \\
+        --lpips-weights alex_full.pth --dtype bf16 --out table2.json
 """
 
 from __future__ import annotations
@@ -50,24 +55,21 @@ import json
 import sys
 from pathlib import Path
 
-from jointnet_jax import depth_metrics, evaluate_panorama
-from jointnet_jax.io_utils import atomic_write
+from jointnet_jax import cli
+from jointnet_jax.evaluation import depth as depth_eval
+from jointnet_jax.io_utils import write_json
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jointnet_jax.evaluate", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    d = sub.add_parser("depth", help="AbsRel / disparity RMSE / delta1 of a prediction folder against GT depth")
+def _depth_parser(d: argparse.ArgumentParser) -> None:
     d.add_argument("--pred", required=True, help="predicted disparity in [0, 1]: 8/16-bit PNG or .npy per image")
     d.add_argument("--gt", required=True, help="GT depth per image (same stems): .npy or 16-bit PNG; 0 = no GT")
-    d.add_argument("--num-subsets", type=int, default=depth_metrics.DEFAULT_NUM_SUBSETS, help="0 = one full fit")
-    d.add_argument("--subset-fraction", type=float, default=depth_metrics.DEFAULT_SUBSET_FRACTION)
+    d.add_argument("--num-subsets", type=int, default=depth_eval.DEFAULT_NUM_SUBSETS, help="0 = one full fit")
+    d.add_argument("--subset-fraction", type=float, default=depth_eval.DEFAULT_SUBSET_FRACTION)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--min-disparity", type=float, help="clamp for aligned disparity (default: 1 / max GT depth)")
-    d.add_argument("--out", required=True, help="JSON results")
 
-    i = sub.add_parser("images", help="FID / IS / CLIP score of a folder of generated images")
+
+def _images_parser(i: argparse.ArgumentParser) -> None:
     i.add_argument("--fake", required=True, help="folder of generated images")
     i.add_argument("--pattern", help="glob selecting the generated images (default: every PNG/JPEG)")
     i.add_argument("--real", help="folder of reference images; enables FID")
@@ -79,17 +81,29 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--batch-size", type=int, default=50)
     i.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     i.add_argument("--seed", type=int, default=0, help="IS split assignment")
-    i.add_argument("--out", required=True, help="JSON results")
 
-    sub.add_parser("panorama", help="intra-LPIPS and time per panorama; see `panorama --help`", add_help=False)
+
+def _panorama_parser(p: argparse.ArgumentParser) -> None:
+    cli.add_model_arguments(p)
+    cli.add_prompt_arguments(p, negative=False)
+    cli.add_sampler_arguments(p)
+    cli.add_size_arguments(p, "the native height and 4x the native width (2048x512 for SD2.1-base)")
+    p.add_argument("--samples", type=int, default=20, help="seeds per prompt (paper: 16 prompts x 20)")
+    p.add_argument("--lpips-weights", help="full lpips state dict; without it only times are measured")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jointnet-evaluate", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_, add in (
+        ("depth", "AbsRel / disparity RMSE / delta1 of a prediction folder against GT depth", _depth_parser),
+        ("images", "FID / IS / CLIP score of a folder of generated images", _images_parser),
+        ("panorama", "intra-LPIPS and time per panorama (Table 2)", _panorama_parser),
+    ):
+        p = sub.add_parser(name, help=help_)
+        add(p)
+        p.add_argument("--out", required=True, help="JSON results")
     return parser
-
-
-def _write_json(path, data: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(data, indent=2) + "\n"
-    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def run_depth(args) -> dict:
@@ -99,7 +113,7 @@ def run_depth(args) -> dict:
         seed=args.seed,
         min_disparity=args.min_disparity,
     )
-    result = depth_metrics.evaluate_depth_folder(args.pred, args.gt, **kwargs)
+    result = depth_eval.evaluate_depth_folder(args.pred, args.gt, **kwargs)
     result["settings"] = {"pred": str(args.pred), "gt": str(args.gt), **kwargs}
     print(" ".join(f"{k}={v:.4f}" for k, v in result["mean"].items()) + f" over {result['count']} images")
     return result
@@ -128,7 +142,7 @@ def _prompts_for(files: list[Path], prompts_file) -> list[str]:
 
 def run_images(args) -> dict:
     try:
-        from jointnet_jax import image_metrics
+        from jointnet_jax.evaluation import images as image_metrics
     except ImportError as e:
         raise ImportError(f"image metrics need torch, torchmetrics and torch-fidelity (the eval extra): {e}") from e
 
@@ -160,18 +174,25 @@ def run_images(args) -> dict:
     return result
 
 
+def run_panorama(args) -> dict:
+    from jointnet_jax.evaluation import panorama
+    from jointnet_jax.pipelines import Pipeline
+
+    distance = panorama.lpips_distance(args.lpips_weights) if args.lpips_weights else None
+    pipe = Pipeline.from_pretrained(args.base, args.model, dtype=cli.jax_dtype(args.dtype))
+    settings = dict(steps=args.steps, height=args.height, width=args.width, cfg=args.cfg, sampler=args.sampler)
+    settings.update(guidance_rescale=args.guidance_rescale, eta=args.eta)
+    results = panorama.evaluate(pipe, cli.read_prompts(args), args.samples, distance, **settings)
+    print(panorama.markdown_table(results))
+    return {"methods": results, "settings": {**settings, "samples": args.samples, "dtype": args.dtype}}
+
+
+COMMANDS = {"depth": run_depth, "images": run_images, "panorama": run_panorama}
+
+
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["panorama"]:  # its own parser, so `panorama --help` shows its options
-        return evaluate_panorama.main(argv[1:])
     args = build_parser().parse_args(argv)
-    try:
-        result = run_depth(args) if args.command == "depth" else run_images(args)
-        _write_json(args.out, result)
-    except (OSError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return cli.run(lambda: write_json(args.out, COMMANDS[args.command](args)))
 
 
 if __name__ == "__main__":

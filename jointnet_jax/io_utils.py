@@ -8,6 +8,7 @@ the final name.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -57,6 +58,35 @@ def atomic_write(path, write: Callable[[Path], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def json_text(data) -> str:
+    """Strict JSON (non-finite numbers are refused: they are not JSON), indented, keys sorted."""
+    return json.dumps(data, indent=2, sort_keys=True, allow_nan=False, default=str) + "\n"
+
+
+def write_json(path, data) -> Path:
+    """Write ``data`` as strict JSON to ``path`` (parent folders created), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json_text(data)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+    return path
+
+
+def write_npz(path, arrays: dict) -> None:
+    """Save named arrays as an uncompressed ``.npz``, atomically."""
+
+    def save(tmp: Path):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_write(path, save)
+
+
+def image_grid(columns: list[np.ndarray]) -> np.ndarray:
+    """Rows of images side by side: ``columns[k]`` is (B, H, W, 3); row ``b`` holds image ``b`` of each."""
+    return np.concatenate([np.concatenate(row, axis=1) for row in zip(*columns, strict=True)], axis=0)
 
 
 def load_image_array(path) -> np.ndarray:

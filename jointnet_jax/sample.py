@@ -1,66 +1,107 @@
-"""``python -m jointnet_jax.sample TASK ...``: joint RGB+depth generation, image->depth, depth->image,
-RGBD inpainting, tile-based panoramas (``panorama``, ``pano-inpaint``), tile-based SDEdit upsampling
-(``refine``), and panorama -> mesh.
+"""``jointnet-sample COMMAND ...`` (``python -m jointnet_jax.sample``): joint RGB+depth generation,
+image->depth, depth->image, RGBD inpainting, tile-based panoramas (``panorama``, ``pano-inpaint``), tile-based
+SDEdit upsampling (``refine``), and panorama -> mesh.
 
-Outputs per sample ``i`` in ``--out``: ``{i:04d}_rgb.png`` (8-bit), ``{i:04d}_depth.png`` (16-bit) and
-``{i:04d}_depth_color.png`` (preview) or ``{i:04d}_normal.png``, ``{i:04d}.npz`` (float32 ``rgb`` and
-``depth``/``normal`` in [0, 1]) and ``{i:04d}.json`` (prompt, seed, settings, model paths).
+Outputs per sample ``i`` in ``--out`` (``pipelines/outputs.py``): ``{i:04d}_rgb.png`` (8-bit),
+``{i:04d}_depth.png`` (16-bit) and ``{i:04d}_depth_color.png`` (preview) or ``{i:04d}_normal.png``,
+``{i:04d}.npz`` (float32 ``rgb`` and ``depth``/``normal`` in [0, 1]) and ``{i:04d}.json`` (prompt, seed,
+settings, model paths).
+
+Each command is a row of ``COMMANDS``: the tasks it runs (``pipelines/tasks.py``; a choice of several is the
+``--preset`` flag, with the official preset names), its default tiling and strength. A command takes only the
+input flags its tasks use.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from jointnet_jax import io_utils, mesh
+from jointnet_jax import cli, io_utils, mesh
+from jointnet_jax.pipelines.tasks import get_task
 
-GEN_TASKS = ("generate", "depth", "image", "inpaint")
-PANO_INPAINT_PRESETS = {"rgb2j": "depth", "j2rgb": "image", "custom": "inpaint"}  # official preset -> task
-TILED_TASKS = {  # subcommand -> (help, default tiling preset)
-    "panorama": ("text -> RGBD panorama, tile-based (2048x512 for SD2.1-base; --wrap for 360°)", "ours"),
-    "pano-inpaint": ("tile-based panorama inpainting/outpainting with masks", "ours"),
-    "refine": ("tile-based SDEdit upsampling/refinement of an RGBD pair (strength 0.4)", "upsample"),
+INPUT_HELP = {
+    "image": "RGB input image",
+    "depth": "depth input: 8/16-bit PNG or .npy in [0,1], near = bright (with --modality normal: a normal map)",
+    "mask": "RGB mask, white = repaint",
+    "depth_mask": "depth mask, white = repaint",
 }
 
 
-def _common(p: argparse.ArgumentParser):
-    p.add_argument(
-        "--base",
-        required=True,
-        help="SD2.1-base-style diffusers folder (vae/ text_encoder/ tokenizer/ scheduler/) or a Hub id "
-        "such as stabilityai/stable-diffusion-2-1-base (read from the local Hub cache when offline)",
-    )
-    p.add_argument(
-        "--model", required=True, help="JointNet folder in the official layout (unet/ + jointnet/) or a Hub id"
-    )
-    p.add_argument("--prompt", action="append", default=[], help="repeatable")
-    p.add_argument("--prompts-file", help="one prompt per line")
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--cfg", type=float, default=7.5)
-    p.add_argument("--guidance-rescale", type=float, default=0.0)
-    p.add_argument("--scheduler", choices=("ddim", "dpmpp2m", "euler", "euler_a"), default="ddim")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    p.add_argument("--height", type=int, help="default: the input's size, else the model's (512 for SD2.1-base)")
-    p.add_argument("--width", type=int)
+def _run(pipe, args, prompts, inputs, kw):
+    return pipe.run(get_task(args.preset), prompts, **inputs, **kw)
+
+
+def _panorama(pipe, args, prompts, inputs, kw):
+    return pipe.panorama(prompts, **kw)
+
+
+def _refine(pipe, args, prompts, inputs, kw):
+    return pipe.refine(prompts, inputs.get("image"), inputs.get("depth"), preset=args.preset, scale=args.scale, **kw)
+
+
+@dataclass(frozen=True)
+class Command:
+    """``presets``: the task names (``tasks.get_task``) the command can run, the first the default; ``tiling``:
+    the default tiling preset of a tiled command; ``call``: how it calls the ``Pipeline``."""
+
+    help: str
+    presets: tuple[str, ...]
+    tiling: str | None = None
+    strength: float = 1.0
+    call: Callable = _run
+
+    @property
+    def inputs(self) -> list[str]:
+        """The input flags: every input any of its tasks needs, in a fixed order."""
+        needed = {n for p in self.presets for n in get_task(p).needs}
+        return [n for n in INPUT_HELP if n in needed]
+
+
+COMMANDS = {
+    "generate": Command("text -> RGB + depth", ("generate",)),
+    "depth": Command("image -> depth", ("depth",)),
+    "image": Command("depth -> image", ("image",)),
+    "inpaint": Command("RGBD editing with separate RGB and depth masks", ("inpaint",)),
+    "panorama": Command(
+        "text -> RGBD panorama, tile-based (2048x512 for SD2.1-base; --wrap for 360°)",
+        ("generate",),
+        "ours",
+        1.0,
+        _panorama,
+    ),
+    "pano-inpaint": Command("tile-based panorama inpainting/outpainting", ("rgb2j", "j2rgb", "custom"), "ours"),
+    "refine": Command(
+        "tile-based SDEdit upsampling/refinement of an RGBD pair", ("both", "image", "depth"), "upsample", 0.4, _refine
+    ),
+}
+
+
+def _add_command(p: argparse.ArgumentParser, command: Command) -> None:
+    cli.add_model_arguments(p)
+    cli.add_prompt_arguments(p)
+    cli.add_sampler_arguments(p)
+    cli.add_size_arguments(p, "the input's size, else the model's (512 for SD2.1-base)")
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-noise", help=".npy initial latents (B, h, w, 8) NHWC, RGB channels first, unscaled N(0,1)")
-    p.add_argument("--strength", type=float, default=1.0, help="SDEdit start point for image-conditioned tasks")
     p.add_argument("--modality", choices=("depth", "normal"), default="depth")
     p.add_argument("--masked-conditioning", choices=("auto", "on", "off"), default="auto")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--out", required=True)
-    p.add_argument("--image", help="RGB input (depth, inpaint)")
-    p.add_argument("--depth", help="depth input: 8/16-bit PNG or .npy in [0,1], near = bright (image, inpaint)")
-    p.add_argument("--mask", help="RGB mask, white = repaint (inpaint)")
-    p.add_argument("--depth-mask", help="depth mask, white = repaint (inpaint)")
+    if command.presets != ("generate",):
+        p.add_argument("--strength", type=float, default=command.strength, help="SDEdit start point (1 = noise)")
+    if len(command.presets) > 1:
+        p.add_argument("--preset", choices=command.presets, default=command.presets[0], help="what to generate")
+    for name in command.inputs:
+        p.add_argument(f"--{name.replace('_', '-')}", help=INPUT_HELP[name])
+    if command.tiling:
+        _tiling_args(p, command.tiling)
 
 
 def _tiling_args(p: argparse.ArgumentParser, mode: str):
@@ -85,136 +126,86 @@ def _tiling_args(p: argparse.ArgumentParser, mode: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jointnet_jax.sample", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="task", required=True)
-    helps = {
-        "generate": "text -> RGB + depth",
-        "depth": "image -> depth",
-        "image": "depth -> image",
-        "inpaint": "RGBD editing with separate RGB and depth masks",
-    }
-    for task in GEN_TASKS:
-        _common(sub.add_parser(task, help=helps[task]))
-    for task, (help_, mode) in TILED_TASKS.items():
-        p = sub.add_parser(task, help=help_)
-        _common(p)
-        _tiling_args(p, mode)
-    sub.choices["pano-inpaint"].add_argument("--preset", choices=PANO_INPAINT_PRESETS, default="rgb2j")
-    sub.choices["refine"].add_argument("--preset", choices=("both", "image", "depth"), default="both")
+    parser = argparse.ArgumentParser(prog="jointnet-sample", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        _add_command(sub.add_parser(name, help=command.help), command)
     sub.choices["refine"].add_argument("--scale", type=float, default=2.0, help="output size / input size")
-    sub.choices["refine"].set_defaults(strength=0.4)
     mesh.add_arguments(sub.add_parser("mesh", help="RGBD panorama -> GLB/PLY mesh"))
     return parser
 
 
-def _prompts(args) -> list[str]:
-    prompts = list(args.prompt)
-    if args.prompts_file:
-        path = Path(args.prompts_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompts file {path} does not exist")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError("give at least one --prompt or a --prompts-file")
-    return prompts
+def read_inputs(args) -> dict:
+    """The command's input files as arrays (images, depth or normal maps, masks)."""
+    readers = {
+        "image": io_utils.read_image,
+        "depth": io_utils.read_image if args.modality == "normal" else io_utils.read_depth,
+        "mask": io_utils.read_mask,
+        "depth_mask": io_utils.read_mask,
+    }
+    return {name: readers[name](getattr(args, name)) for name in readers if getattr(args, name, None)}
 
 
-def _read_dense(path, modality):
-    return io_utils.read_image(path) if modality == "normal" else io_utils.read_depth(path)
+def _settings(args):
+    from jointnet_jax.pipelines import SampleSettings
 
-
-def write_outputs(out_dir: Path, result: dict, prompts: list[str], record: dict, modality: str) -> list[Path]:
-    """Write every sample's files (each atomically); returns the written paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for i, prompt in enumerate(prompts):
-        stem = out_dir / f"{i:04d}"
-        io_utils.write_png_rgb(f"{stem}_rgb.png", result["rgb"][i])
-        arrays = {"rgb": result["rgb"][i]}
-        if modality == "depth":
-            io_utils.write_png_depth16(f"{stem}_depth.png", result["depth"][i])
-            io_utils.write_depth_color(f"{stem}_depth_color.png", result["depth"][i])
-            arrays["depth"] = result["depth"][i]
-        else:
-            io_utils.write_png_rgb(f"{stem}_normal.png", result["normal"][i])
-            arrays["normal"] = result["normal"][i]
-
-        def save_npz(tmp, arrays=arrays):
-            with open(tmp, "wb") as f:
-                np.savez(f, **{k: np.asarray(v, np.float32) for k, v in arrays.items()})
-
-        io_utils.atomic_write(f"{stem}.npz", save_npz)
-        meta = json.dumps({**record, "prompt": prompt, "index": i}, indent=2, sort_keys=True) + "\n"
-        io_utils.atomic_write(f"{stem}.json", lambda tmp, meta=meta: tmp.write_text(meta))
-        written.append(stem)
-    return written
-
-
-def run_task(args) -> list[Path]:
-    import jax.numpy as jnp
-
-    from jointnet_jax.pipelines import Pipeline, SampleSettings
-
-    prompts = _prompts(args)
-    inputs = {}
-    if args.image:
-        inputs["image"] = io_utils.read_image(args.image)
-    if args.depth:
-        inputs["depth"] = _read_dense(args.depth, args.modality)
-    if args.mask:
-        inputs["mask"] = io_utils.read_mask(args.mask)
-    if args.depth_mask:
-        inputs["depth_mask"] = io_utils.read_mask(args.depth_mask)
-    init_noise = None
-    if args.init_noise:
-        if not Path(args.init_noise).is_file():
-            raise FileNotFoundError(f"initial noise file {args.init_noise} does not exist")
-        init_noise = np.load(args.init_noise)
-    settings = SampleSettings(
+    return SampleSettings(
         steps=args.steps,
         cfg=args.cfg,
         guidance_rescale=args.guidance_rescale,
-        scheduler=args.scheduler,
+        sampler=args.sampler,
         eta=args.eta,
         height=args.height,
         width=args.width,
         num_samples=args.num_samples,
         seed=args.seed,
-        strength=args.strength,
+        strength=getattr(args, "strength", 1.0),
         negative_prompt=args.negative_prompt,
         masked_conditioning={"auto": None, "on": True, "off": False}[args.masked_conditioning],
     )
-    dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[args.dtype]
+
+
+def _init_noise(path):
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"initial noise file {path} does not exist")
+    return np.load(path)
+
+
+def run_command(args) -> list[Path]:
+    from jointnet_jax.pipelines import Pipeline
+    from jointnet_jax.pipelines.outputs import write_outputs
+
+    command = COMMANDS[args.command]
+    args.preset = getattr(args, "preset", command.presets[0])
+    prompts, inputs, settings = cli.read_prompts(args), read_inputs(args), _settings(args)
+    init_noise = _init_noise(args.init_noise)
     start = time.perf_counter()
-    pipe = Pipeline.from_pretrained(args.base, args.model, dtype=dtype, modality=args.modality)
-    tiling = _tiling(args, pipe) if args.task in TILED_TASKS else None
-    kw = dict(init_noise=init_noise, settings=settings, tiling=tiling)
-    if args.task == "panorama":
-        result = pipe.panorama(prompts, **kw)
-    elif args.task == "refine":
-        image, depth = inputs.get("image"), inputs.get("depth")
-        result = pipe.refine(prompts, image, depth, preset=args.preset, scale=args.scale, **kw)
-    else:
-        task = PANO_INPAINT_PRESETS[args.preset] if args.task == "pano-inpaint" else args.task
-        result = pipe.run(task, prompts, **inputs, **kw)
+    pipe = Pipeline.from_pretrained(args.base, args.model, dtype=cli.jax_dtype(args.dtype), modality=args.modality)
+    tiling = _tiling(args, pipe) if command.tiling else None
+    result = command.call(pipe, args, prompts, inputs, dict(init_noise=init_noise, settings=settings, tiling=tiling))
     batch_prompts = [p for p in prompts for _ in range(args.num_samples)]
-    record = {
-        "task": args.task,
+    record = _record(args, settings, tiling)
+    written = write_outputs(Path(args.out), result, batch_prompts, record, args.modality)
+    print(f"wrote {len(written)} samples to {args.out} in {time.perf_counter() - start:.1f} s")
+    return written
+
+
+def _record(args, settings, tiling) -> dict:
+    """What the run was, written next to every sample."""
+    names = ("image", "depth", "mask", "depth_mask", "init_noise")
+    return {
+        "task": args.command,
+        "preset": args.preset,
         "settings": settings.__dict__,
         "base": _source(args.base),
         "model": _source(args.model),
         "modality": args.modality,
         "dtype": args.dtype,
         "tiling": None if tiling is None else dataclasses.asdict(tiling),
-        "inputs": {
-            k: str(Path(getattr(args, k)).resolve())
-            for k in ("image", "depth", "mask", "depth_mask", "init_noise")
-            if getattr(args, k)
-        },
+        "inputs": {k: str(Path(getattr(args, k)).resolve()) for k in names if getattr(args, k, None)},
     }
-    written = write_outputs(Path(args.out), result, batch_prompts, record, args.modality)
-    print(f"wrote {len(written)} samples to {args.out} in {time.perf_counter() - start:.1f} s")
-    return written
 
 
 def _source(name: str) -> str:
@@ -231,15 +222,9 @@ def _tiling(args, pipe):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.task == "mesh":
-            print(f"wrote {mesh.run(args)}")
-        else:
-            run_task(args)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    if args.command == "mesh":
+        return cli.run(lambda: print(f"wrote {mesh.run(args)}"))
+    return cli.run(lambda: run_command(args))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Device mesh, FSDP parameter shardings, batch shardings, multi-host initialisation and host barriers.
+"""Device mesh, FSDP parameter shardings, batch shardings (training, and sampling over local devices),
+multi-host initialisation and host barriers.
 
 The mesh has two axes: ``data`` (pure data parallelism) and ``fsdp`` (data parallelism whose replicas also
 split the parameters and optimizer state, ZeRO-3 style). Batches are split over both axes; every
@@ -88,6 +89,16 @@ def tree_shardings(tree, mesh: Mesh, min_fsdp_size: int = 2**14):
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def shard_batch(tree, batch: int):
+    """Place every array of ``tree`` (leading axis = the batch) data-parallel over this process's devices,
+    when there are several and ``batch`` divides evenly over them (sampling); else leave it as it is."""
+    devices = jax.local_devices()
+    if len(devices) == 1 or batch % len(devices):
+        return tree
+    sharding = NamedSharding(Mesh(np.array(devices), ("data",)), PartitionSpec("data"))
+    return jax.tree.map(lambda a: jax.device_put(a, sharding), tree)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

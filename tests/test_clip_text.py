@@ -13,13 +13,9 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from jointnet_jax.models.clip_text import (  # noqa: E402
-    CLIPTextConfig,
-    encode_prompts,
-    load_text_encoder,
-    load_tokenizer,
-)
-from jointnet_jax.weights import WeightsError  # noqa: E402
+from jointnet_jax.models.clip_text import CLIPTextConfig, encode_prompts  # noqa: E402
+from jointnet_jax.models.loading import load_text_encoder, load_tokenizer  # noqa: E402
+from jointnet_jax.models.weights import WeightsError  # noqa: E402
 
 VOCAB = 1000
 TINY = dict(

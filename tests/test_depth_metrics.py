@@ -1,12 +1,12 @@
-"""depth_metrics: known answers for the disparity-space alignment and the AbsRel / RMSE / delta1 metrics."""
+"""evaluation.depth: known answers for the disparity-space alignment and the AbsRel / RMSE / delta1 metrics."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from jointnet_jax import depth_metrics as depth_metrics_module
 from jointnet_jax import io_utils
-from jointnet_jax.depth_metrics import align_disparity, depth_metrics, evaluate_depth_folder
+from jointnet_jax.evaluation import depth as depth_metrics_module
+from jointnet_jax.evaluation.depth import align_disparity, depth_metrics, evaluate_depth_folder
 
 
 def _scene(seed=0, shape=(16, 20)):

@@ -8,14 +8,17 @@ called directly, and the CLI against the Python API.
 import json
 from unittest import mock
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import jointnet_jax as jj
-from jointnet_jax import evaluate, evaluate_panorama, image_metrics, io_utils
-from jointnet_jax.tiny_base import write_tokenizer
+from jointnet_jax import evaluate, io_utils
+from jointnet_jax.evaluation import images as image_metrics
+from jointnet_jax.evaluation import panorama as evaluate_panorama
+from jointnet_jax.models.tiny import write_tokenizer
 from tests.test_tiles import SMALL_UNET
 from tests.tiny_sd import make_tiny_base
 
@@ -360,13 +363,17 @@ def test_cli_panorama_end_to_end(tmp_path, panorama_dirs, capsys):
 
     with mock.patch.object(jj.Pipeline, "from_pretrained", recording):
         assert evaluate.main(args) == 0, capsys.readouterr().err
-    result = json.loads(out.read_text())
+    written = json.loads(out.read_text())
+    assert written["settings"] == dict(
+        size, samples=1, dtype="fp32", cfg=7.5, sampler="ddim", guidance_rescale=0.0, eta=0.0
+    )
+    result = written["methods"]
     assert list(result) == list(evaluate_panorama.METHODS)
     for r in result.values():
         assert r["panoramas"] == 1 and r["time_s"] > 0.0
     assert "| ours (resized full view) |" in capsys.readouterr().out
     [(load_args, load_kwargs, pipe)] = loads
-    assert load_args == (str(base), str(twin)) and load_kwargs == {}
+    assert load_args == (str(base), str(twin)) and load_kwargs == {"dtype": jnp.float32}
     distance = evaluate_panorama.lpips_distance(weights)
     for method, (mode, overrides) in evaluate_panorama.METHODS.items():
         rgb = pipe.panorama("a cat", tiling=pipe.native_tiling(mode, **overrides), seed=0, progress=False, **size)
@@ -381,13 +388,18 @@ def test_cli_panorama_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(missing) in err and err.startswith("error: ")
     assert not (tmp_path / "t.json").exists()
+    # The sampling flags of ``jointnet-sample``, so Table 2 can run in bf16, with another sampler and guidance.
+    flags = evaluate.build_parser().parse_args(
+        [*args, "--dtype", "bf16", "--sampler", "dpmpp2m", "--cfg", "3", "--out", "x"]
+    )
+    assert (flags.dtype, flags.sampler, flags.cfg) == ("bf16", "dpmpp2m", 3.0)
 
 
 @pytest.mark.filterwarnings("ignore:.*deprecated since 0.13")  # lpips calls torchvision's old API
 def test_lpips_distance_with_lpips_package(tmp_path):
     import lpips
 
-    from jointnet_jax.evaluate_panorama import lpips_distance
+    from jointnet_jax.evaluation.panorama import lpips_distance
 
     torch.manual_seed(0)
     path = tmp_path / "alex_full.pth"

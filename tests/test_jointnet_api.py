@@ -32,7 +32,7 @@ def _inputs(seed=0, batch=2, size=16, text_dim=32):
 
 
 def _tensors(model):
-    from jointnet_jax.weights import state_tensors
+    from jointnet_jax.models.weights import state_tensors
 
     return dict(state_tensors(model))
 

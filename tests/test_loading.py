@@ -18,9 +18,9 @@ from huggingface_hub.utils import filter_repo_objects
 from safetensors.numpy import load_file, save_file
 
 import jointnet_jax as jj
-from jointnet_jax import sample, weights
+from jointnet_jax import sample
 from jointnet_jax.diffusion.schedule import load_schedule
-from jointnet_jax.models import hub
+from jointnet_jax.models import hub, weights
 from tests.tiny_sd import make_tiny_base
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"

@@ -116,7 +116,7 @@ def _seen_by_model(batch, stage, key=0):
         return x * 0, y * 0
 
     uncond = jnp.zeros((1, L, D))
-    joint_loss(model, VAE, TEXT, SCHEDULE, uncond, batch, jax.random.key(key), LossSettings(stage=stage))
+    joint_loss(model, VAE, TEXT, SCHEDULE, uncond, batch, jax.random.key(key), LossSettings(masks=stage == 3))
     return seen
 
 

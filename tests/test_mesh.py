@@ -5,7 +5,7 @@ import pytest
 import trimesh
 from PIL import Image
 
-from jointnet_jax import io_utils, mesh
+from jointnet_jax import io_utils, mesh, sample
 
 H, W = 6, 12
 
@@ -93,7 +93,10 @@ def test_cli_reads_16bit_depth(tmp_path):
     Image.fromarray(np.full((H, W), 40000, np.uint16)).save(tmp_path / "depth.png")
     out = tmp_path / "scene.ply"
     assert (
-        mesh.main(["--rgb", str(tmp_path / "rgb.png"), "--depth", str(tmp_path / "depth.png"), "--out", str(out)]) == 0
+        sample.main(
+            ["mesh", "--rgb", str(tmp_path / "rgb.png"), "--depth", str(tmp_path / "depth.png"), "--out", str(out)]
+        )
+        == 0
     )
     v = trimesh.load(out, process=False).vertices
     # 40000/65535 read as 16-bit gives radius 65535/40000; an 8-bit (saturated) read would give 1.
@@ -106,6 +109,7 @@ def test_size_mismatch_is_a_clear_error(tmp_path, capsys):
     io_utils.write_png_rgb(tmp_path / "rgb.png", _rgb())
     io_utils.write_png_depth16(tmp_path / "depth.png", np.full((H, W + 1), 0.5))
     argv = [
+        "mesh",
         "--rgb",
         str(tmp_path / "rgb.png"),
         "--depth",
@@ -113,7 +117,7 @@ def test_size_mismatch_is_a_clear_error(tmp_path, capsys):
         "--out",
         str(tmp_path / "s.glb"),
     ]
-    assert mesh.main(argv) == 1
+    assert sample.main(argv) == 1
     err = capsys.readouterr().err
     assert "rgb.png is 6x12" in err and "depth.png is 6x13" in err
     assert not (tmp_path / "s.glb").exists()

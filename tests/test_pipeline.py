@@ -13,7 +13,7 @@ import torch
 from safetensors.numpy import load_file
 
 import jointnet_jax as jj
-from jointnet_jax import sample
+from jointnet_jax import sample, sharding
 from jointnet_jax.diffusion.schedule import load_schedule
 from jointnet_jax.models.jointnet import JointNet
 from jointnet_jax.pipelines import loop
@@ -282,9 +282,55 @@ def test_batch_is_data_parallel_over_local_devices(pipe):
     assert jax.local_device_count() == 8
     x = jnp.zeros((8, 4, 4, 8))
     inputs = loop.LoopInputs(x=x, noise=x, known=None, generate=None, cond_rgb=None, cond_dense=None, text=x[:, 0])
-    assert len(pipe._shard(inputs, 8).x.sharding.device_set) == 8
+    assert len(sharding.shard_batch(inputs, 8).x.sharding.device_set) == 8
     noise = np.random.default_rng(4).standard_normal((8, SIZE // 2, SIZE // 2, 8), dtype=np.float32)
     kw = dict(steps=2, height=SIZE, width=SIZE, progress=False)
     sharded = pipe.generate(["a cat"] * 8, init_noise=noise, **kw)
     single = pipe.generate(["a cat"] * 3, init_noise=noise[:3], **kw)  # 3 does not divide 8: one device
     np.testing.assert_allclose(sharded["latents"][:3], single["latents"], atol=1e-4, rtol=0)
+
+
+def test_every_sampler_name_works_at_every_layer(pipe):
+    """One table of sampler names (``diffusion.SAMPLERS``): each name the CLI accepts (``--sampler``, and the old
+    ``--scheduler``) builds the same sampler through ``Pipeline.sampler`` and ``make_sampler``, and reaches the
+    run through ``SampleSettings`` (``scheduler=`` still meaning ``sampler=``)."""
+    from jointnet_jax.diffusion import SAMPLER_NAMES, make_sampler, sampler_name
+    from jointnet_jax.pipelines.pipeline import _split_settings
+
+    args = ["generate", "--base", "b", "--model", "m", "--prompt", "x", "--out", "o"]
+    for name in SAMPLER_NAMES:
+        for flag in ("--sampler", "--scheduler"):
+            assert sample.build_parser().parse_args([*args, flag, name]).sampler == name
+        assert (
+            pipe.sampler(name, 4)
+            == make_sampler(name, pipe.schedule, 4)
+            == make_sampler(sampler_name(name), pipe.schedule, 4)
+        )
+        assert jj.SampleSettings(scheduler=name).sampler == name
+        assert _split_settings(jj.SampleSettings(), {"scheduler": name})[0].sampler == name
+    with pytest.raises(SystemExit):
+        sample.build_parser().parse_args([*args, "--sampler", "plms"])
+
+
+def test_tasks_are_data_and_official_preset_names_are_aliases(pipe):
+    """Each task's inputs, masks and strength rule come from its ``Task`` row; the official preset names map to
+    the same rows; the branches are reachable by name."""
+    from jointnet_jax.pipelines.tasks import ALIASES, TASKS, get_task
+
+    assert get_task("rgb2j") is TASKS["depth"] and get_task("j2rgb") is TASKS["image"] and set(ALIASES) >= {"custom"}
+    m_rgb, m_dense = TASKS["depth"].masks(2, 4, 4, {})
+    assert not m_rgb.any() and m_dense.all()
+    mask = np.zeros((4, 4))
+    mask[:, 2:] = 1
+    m_rgb, m_dense = TASKS["inpaint"].masks(1, 4, 4, {"mask": mask, "depth_mask": 1 - mask})
+    np.testing.assert_array_equal(m_rgb[0], mask)
+    np.testing.assert_array_equal(m_dense[0], 1 - mask)
+    with pytest.raises(ValueError, match="task 'inpaint' needs an input RGB mask and depth mask"):
+        pipe.inpaint("a cat", np.zeros((SIZE, SIZE, 3)), np.zeros((SIZE, SIZE)), None, None, steps=1)
+    with pytest.raises(ValueError, match="refine is SDEdit"):
+        pipe.run("both", "a cat", image=np.zeros((SIZE, SIZE, 3)), depth=np.zeros((SIZE, SIZE)), steps=1)
+    with pytest.raises(ValueError, match="generate starts from noise"):
+        pipe.generate("a cat", steps=1, strength=0.5)
+    with pytest.raises(ValueError, match="unknown task 'depht'"):
+        pipe.run("depht", "a cat")
+    assert pipe.jointnet.rgb is pipe.jointnet.unet and pipe.jointnet.dense is pipe.jointnet.jointnet

@@ -15,7 +15,7 @@ import jointnet_jax as jj
 from jointnet_jax.models.direct_extend import DirectExtend
 from jointnet_jax.models.functional import compiled
 from jointnet_jax.models.pixel_space import PixelSpace, branch_codecs
-from jointnet_jax.tiny_base import UNET_2LEVEL, write_tiny_base
+from jointnet_jax.models.tiny import UNET_2LEVEL, write_tiny_base
 from jointnet_jax.training.partition import split_trainable
 
 PIXEL_UNET = {**UNET_2LEVEL, "in_channels": 3, "out_channels": 3}

@@ -24,7 +24,7 @@ SCRIPTS = {
     "jointnet-sample": "jointnet_jax.sample:main",
     "jointnet-train": "jointnet_jax.train:cli",
     "jointnet-evaluate": "jointnet_jax.evaluate:main",
-    "jointnet-demo": "jointnet_jax.demo:cli",
+    "jointnet-demo": "jointnet_jax.demo.__main__:cli",
     "jointnet-label": "jointnet_jax.data.label:cli",
 }
 

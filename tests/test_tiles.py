@@ -305,7 +305,7 @@ def test_bad_input_gives_clear_errors(pipe, model_dirs, tmp_path, capsys):
 
 def test_intra_lpips_averages_all_crop_pairs():
     """SyncDiffusion's protocol: non-overlapping height-sized crops (4 for 1:4), all 6 pairs averaged."""
-    from jointnet_jax.evaluate_panorama import intra_lpips
+    from jointnet_jax.evaluation.panorama import intra_lpips
 
     image = np.concatenate([np.full((4, 4, 3), v, np.float32) for v in (0.0, 0.1, 0.3, 0.6)], axis=1)
     pairs = []
@@ -319,7 +319,7 @@ def test_intra_lpips_averages_all_crop_pairs():
 def test_intra_lpips_with_the_lpips_package(tmp_path):
     """Real LPIPS (random AlexNet, non-negative heads as trained LPIPS keeps them) through intra_lpips: one
     repeated crop scores 0, varied crops more; crops under AlexNet's 31 px give a clear error, not a crash."""
-    from jointnet_jax.evaluate_panorama import intra_lpips, lpips_distance, write_random_lpips_weights
+    from jointnet_jax.evaluation.panorama import intra_lpips, lpips_distance, write_random_lpips_weights
 
     write_random_lpips_weights(tmp_path / "alex.pth")
     distance = lpips_distance(tmp_path / "alex.pth")

@@ -22,10 +22,10 @@ from flax import nnx
 
 import jointnet_jax as jj
 from configs import sd21_depth, sd21_depth_inpaint
-from jointnet_jax.data.input_pipeline import InputPipeline
+from jointnet_jax.data.loader import Loader
+from jointnet_jax.models.weights import state_tensors
 from jointnet_jax.training.objective import joint_loss
 from jointnet_jax.training.trainer import Trainer
-from jointnet_jax.weights import state_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -65,7 +65,7 @@ def stage1(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("stage1")
     trainer = Trainer(_config(log_every=2), workdir)  # logging is host-side: the compiled step is the same
     before = dict(state_tensors(trainer.model()))
-    first_batch = trainer._global_batch(next(InputPipeline(trainer.data_config)))
+    first_batch = trainer._global_batch(next(Loader(trainer.data_config)))
     history = trainer.train()
     return trainer, before, first_batch, history
 
@@ -210,14 +210,31 @@ def test_sigterm_saves_a_checkpoint_and_stops_and_samples_are_written(tmp_path):
 
 
 def test_init_from_official_checkpoint_stage3(official, tmp_path):
-    """Start stage 3 from the official fixture: the masked-latent conv is added at zero and trained."""
+    """Stage 3 from the official fixture starts from its weights, with the masked-latent conv added at zero.
+    (Building the Trainer compiles no train step; the training half is the next test, at 2 levels.)"""
     c = sd21_depth_inpaint.get_config("tiny")
     c.init_from = str(official / "rgbd_finetune")
-    c.total_steps, c.checkpoint_every, c.data.synthetic_num = 2, 2, 16
     trainer = Trainer(c, tmp_path)
     start = dict(state_tensors(trainer.model()))
     fixture = dict(state_tensors(jj.load_jointnet(official / "rgbd_finetune")))
     assert all(np.array_equal(start[k], v) for k, v in fixture.items())
+    added = start.keys() - fixture.keys()  # the masked-latent conv of each branch, weight and bias, at zero
+    assert added == {f"{b}.jointnet_masked_latent_conv.{p}" for b in ("unet", "jointnet") for p in ("weight", "bias")}
+    assert not any(start[k].any() for k in added)
+
+
+def test_stage3_from_an_official_layout_export_trains_the_masked_conv(stage1, tmp_path):
+    """Stage 3 initialised from stage 1's export (the official layout, as the released rgbd_finetune): the
+    zero masked-latent conv is trained, and so is the RGB branch."""
+    export = stage1[0].workdir / "export"
+    c = sd21_depth_inpaint.get_config("tiny")
+    c.init_from, c.tiny_unet = str(export), "2level"
+    c.mesh.data, c.mesh.fsdp = 4, 2
+    c.total_steps, c.checkpoint_every, c.data.synthetic_num = 2, 2, 16
+    trainer = Trainer(c, tmp_path)
+    start = dict(state_tensors(trainer.model()))
+    exported = dict(state_tensors(jj.load_jointnet(export)))
+    assert all(np.array_equal(start[k], v) for k, v in exported.items())
     assert not start["unet.jointnet_masked_latent_conv.weight"].any()
     trainer.train()
     end = dict(state_tensors(jj.load_jointnet(tmp_path / "export")))

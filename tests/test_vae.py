@@ -14,8 +14,9 @@ import torch
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from jointnet_jax.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig, load_vae  # noqa: E402
-from jointnet_jax.weights import WeightsError, abstract  # noqa: E402
+from jointnet_jax.models.loading import load_vae  # noqa: E402
+from jointnet_jax.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig  # noqa: E402
+from jointnet_jax.models.weights import WeightsError, abstract  # noqa: E402
 
 TINY = dict(
     down_block_types=["DownEncoderBlock2D"] * 2,

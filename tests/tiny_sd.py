@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from jointnet_jax.tiny_base import SCHEDULER, TEXT_DIM, UNET, VAE, write_tokenizer
+from jointnet_jax.models.tiny import SCHEDULER, TEXT_DIM, UNET, VAE, write_tokenizer
 
 
 def _randomise_norms(model, gen):

@@ -469,8 +469,9 @@ class LabelShardFn(beam.DoFn):
         yield item.out
 
 
-def build_pipeline(pipeline: beam.Pipeline, items: list[WorkItem], config: LabelConfig) -> beam.PCollection:
-    """Attach the labelling transforms for ``items`` to ``pipeline``; returns the written shard paths."""
+def build_job(pipeline: beam.Pipeline, items: list[WorkItem], config: LabelConfig) -> beam.PCollection:
+    """The labelling job: attach its transforms for ``items`` to a Beam ``pipeline``; returns the written shard
+    paths."""
     return (
         pipeline
         | "WorkItems" >> beam.Create(items)
@@ -527,7 +528,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 
 def run(argv: list[str] | None = None) -> dict[str, int]:
-    """Plan, skip finished shards, run the pipeline and return the final counts."""
+    """Plan, skip finished shards, run the labelling job and return the final counts."""
     args, beam_args = parse_args(argv)
     thresholds = (args.min_side, args.max_watermark, args.min_aesthetic, args.min_clip_similarity)
     rules = FilterRules(*((None,) * 4 if args.no_filter else thresholds), drop_missing=args.drop_missing_metadata)
@@ -549,7 +550,7 @@ def run(argv: list[str] | None = None) -> dict[str, int]:
     if todo:
         os.makedirs(args.out, exist_ok=True)
         pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
-        build_pipeline(pipeline, todo, config)
+        build_job(pipeline, todo, config)
         result = pipeline.run()
         result.wait_until_finish()
         counts |= metric_counts(result)

@@ -1,37 +1,39 @@
-"""Noise schedules, samplers and guidance as pure JAX functions for a single compiled sampling loop."""
+"""Noise schedules, samplers and guidance as pure JAX functions for a single compiled sampling loop.
+
+``SAMPLERS`` is the one table of sampler names (canonical name -> accepted aliases); ``make_sampler`` and
+every layer above take any of ``SAMPLER_NAMES``.
+"""
 
 from jointnet_jax.diffusion.guidance import cfg, rescale_guidance
 from jointnet_jax.diffusion.samplers import Sampler, make_sampler
 from jointnet_jax.diffusion.schedule import (
     SAMPLER_KINDS,
+    SAMPLER_NAMES,
+    SAMPLERS,
     NoiseSchedule,
     add_noise,
     load_schedule,
-    model_output_to_eps,
-    model_output_to_x0,
+    sampler_name,
     strength_start_index,
     timesteps,
-    timesteps_for_strength,
     training_target,
-    v_target,
     velocity,
 )
 
 __all__ = [
+    "SAMPLERS",
     "SAMPLER_KINDS",
+    "SAMPLER_NAMES",
     "NoiseSchedule",
     "Sampler",
     "add_noise",
     "cfg",
     "load_schedule",
     "make_sampler",
-    "model_output_to_eps",
-    "model_output_to_x0",
     "rescale_guidance",
+    "sampler_name",
     "strength_start_index",
     "timesteps",
-    "timesteps_for_strength",
     "training_target",
-    "v_target",
     "velocity",
 ]

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jointnet_jax.diffusion.schedule import NoiseSchedule, canonical_kind, strength_start_index, timesteps
+from jointnet_jax.diffusion.schedule import NoiseSchedule, sampler_name, strength_start_index, timesteps
 
 __all__ = ["Sampler", "make_sampler"]
 
@@ -190,7 +190,7 @@ def make_sampler(
     ``add_noise_at(x0, noise, 0)``). ``eta`` is DDIM's stochasticity. ``final_sigmas_type``,
     ``lower_order_final`` and ``euler_at_final`` mirror diffusers' DPM-Solver (and Euler) options.
     """
-    kind = canonical_kind(kind)
+    kind = sampler_name(kind)
     if final_sigmas_type not in ("zero", "sigma_min"):
         raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
     if eta < 0 or (eta > 0 and kind != "ddim"):

@@ -20,7 +20,17 @@ import numpy as np
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-SAMPLER_KINDS = ("ddim", "dpmpp_2m", "euler", "euler_ancestral")
+# The one table of sampler names: the canonical name (diffusers' scheduler class in lower case) and the other
+# spellings accepted for it everywhere (Python API, CLI flags, configs).
+SAMPLERS = {
+    "ddim": (),
+    "dpmpp_2m": ("dpmpp2m", "dpm++2m", "dpm++", "dpm", "dpmsolver++"),
+    "euler": (),
+    "euler_ancestral": ("euler_a",),
+}
+SAMPLER_KINDS = tuple(SAMPLERS)
+SAMPLER_NAMES = tuple(name for kind, aliases in SAMPLERS.items() for name in (kind, *aliases))
+_CANONICAL = {name: kind for kind, aliases in SAMPLERS.items() for name in (kind, *aliases)}
 
 # diffusers' per-class default for ``timestep_spacing`` when the config does not set it (old SD configs).
 DEFAULT_TIMESTEP_SPACING = {
@@ -30,21 +40,13 @@ DEFAULT_TIMESTEP_SPACING = {
     "euler_ancestral": "linspace",
 }
 
-_ALIASES = {
-    "dpm": "dpmpp_2m",
-    "dpm++": "dpmpp_2m",
-    "dpm++2m": "dpmpp_2m",
-    "dpmsolver++": "dpmpp_2m",
-    "euler_a": "euler_ancestral",
-}
 
-
-def canonical_kind(kind: str) -> str:
-    """Normalise a sampler name (accepts a few common aliases such as ``"dpm++2m"`` and ``"euler_a"``)."""
-    name = _ALIASES.get(kind.lower(), kind.lower())
-    if name not in SAMPLER_KINDS:
-        raise ValueError(f"unknown sampler kind {kind!r}; expected one of {SAMPLER_KINDS}")
-    return name
+def sampler_name(name: str) -> str:
+    """The canonical sampler name of any accepted spelling (``"dpmpp2m"``, ``"DPM++2M"``, ``"euler_a"``)."""
+    kind = _CANONICAL.get(str(name).lower())
+    if kind is None:
+        raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLER_NAMES)}")
+    return kind
 
 
 def _betas_for_alpha_bar(num_steps: int, max_beta: float = 0.999) -> np.ndarray:
@@ -153,7 +155,7 @@ class NoiseSchedule:
         return 1.0 if self.set_alpha_to_one else float(self.alphas_cumprod[0])
 
     def spacing_for(self, sampler_kind: str) -> str:
-        return self.timestep_spacing or DEFAULT_TIMESTEP_SPACING[canonical_kind(sampler_kind)]
+        return self.timestep_spacing or DEFAULT_TIMESTEP_SPACING[sampler_name(sampler_kind)]
 
     def karras_alphas_cumprod(self) -> np.ndarray:
         """alpha_bar as used by the sigma-based schedulers (DPM-Solver, Euler).
@@ -205,7 +207,7 @@ def timesteps(schedule: NoiseSchedule, num_steps: int, sampler_kind: str) -> np.
     DDIM and DPM-Solver return int64; Euler returns float32 (its ``linspace`` spacing is fractional).
     The schedulers differ in detail: DPM-Solver spaces ``num_steps + 1`` points and drops the last one.
     """
-    kind = canonical_kind(sampler_kind)
+    kind = sampler_name(sampler_kind)
     n_train = schedule.num_train_timesteps
     if not 1 <= num_steps <= n_train:
         raise ValueError(f"num_steps must be in [1, {n_train}], got {num_steps}")
@@ -243,11 +245,6 @@ def strength_start_index(num_steps: int, strength: float) -> int:
     return max(num_steps - init_timestep, 0)
 
 
-def timesteps_for_strength(ts: np.ndarray, num_steps: int, strength: float, order: int = 1) -> np.ndarray:
-    """Truncate a full timestep array for SDEdit-style partial denoising, as diffusers img2img/inpaint."""
-    return ts[strength_start_index(num_steps, strength) * order :]
-
-
 # ----------------------------------------------------------------------------- forward process (pure JAX)
 
 
@@ -270,27 +267,8 @@ def velocity(schedule: NoiseSchedule, x0: jnp.ndarray, noise: jnp.ndarray, t) ->
     return sqrt_a * noise - sqrt_1ma * x0
 
 
-v_target = velocity
-
-
 def training_target(schedule: NoiseSchedule, x0: jnp.ndarray, noise: jnp.ndarray, t) -> jnp.ndarray:
     """What the model should predict under ``schedule.prediction_type``."""
     if schedule.prediction_type == "v_prediction":
         return velocity(schedule, x0, noise, t)
     return noise
-
-
-def model_output_to_eps(schedule: NoiseSchedule, model_output: jnp.ndarray, x_t: jnp.ndarray, t) -> jnp.ndarray:
-    """Noise prediction from the raw model output (identity for epsilon models)."""
-    if schedule.prediction_type == "epsilon":
-        return model_output
-    sqrt_a, sqrt_1ma = _coeffs(schedule, t, x_t)
-    return sqrt_a * model_output + sqrt_1ma * x_t
-
-
-def model_output_to_x0(schedule: NoiseSchedule, model_output: jnp.ndarray, x_t: jnp.ndarray, t) -> jnp.ndarray:
-    """Clean-sample prediction from the raw model output."""
-    sqrt_a, sqrt_1ma = _coeffs(schedule, t, x_t)
-    if schedule.prediction_type == "epsilon":
-        return (x_t - sqrt_1ma * model_output) / sqrt_a
-    return sqrt_a * x_t - sqrt_1ma * model_output

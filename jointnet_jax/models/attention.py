@@ -22,8 +22,6 @@ _CPU_Q_BLOCK = 512
 _CPU_K_BLOCK = 512
 # Below this many logits per (batch*head) group a single query block is used.
 _CPU_MIN_Q_CHUNK_LOGITS = 1 << 20
-# The former CPU path (query chunks in the (B, N, H, D) layout), kept as ``impl="chunked"``.
-_CPU_QUERY_CHUNK = 512
 
 
 def _reference_attention(q, k, v, scale, upcast):
@@ -33,15 +31,6 @@ def _reference_attention(q, k, v, scale, upcast):
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-
-
-def _query_chunked_attention(q, k, v, scale, upcast, chunk):
-    b, n, h, d = q.shape
-    pad = (-n) % chunk
-    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    qc = qp.reshape(b, (n + pad) // chunk, chunk, h, d).swapaxes(0, 1)
-    out = jax.lax.map(lambda qi: _reference_attention(qi, k, v, scale, upcast), qc)
-    return out.swapaxes(0, 1).reshape(b, n + pad, h, d)[:, :n]
 
 
 def _blockwise_attention(q, k, v, scale, upcast, q_block=_CPU_Q_BLOCK, k_block=_CPU_K_BLOCK):
@@ -133,8 +122,8 @@ def dot_product_attention(q, k, v, *, upcast=False, impl="auto"):
     """Attention over (B, N, H, D) inputs.
 
     ``impl``: ``auto`` picks per backend (``blockwise`` on CPU); ``xla``/``cudnn`` force
-    ``jax.nn.dot_product_attention``; ``blockwise`` the CPU flash-style kernel; ``chunked`` query-chunked
-    attention in the (B, N, H, D) layout; ``reference`` the plain einsum form.
+    ``jax.nn.dot_product_attention``; ``blockwise`` the CPU flash-style kernel; ``reference`` the plain
+    einsum form.
     """
     scale = q.shape[-1] ** -0.5
     if impl == "auto":
@@ -147,17 +136,13 @@ def dot_product_attention(q, k, v, *, upcast=False, impl="auto"):
             impl = "xla"
     if impl == "blockwise":
         return _blockwise_attention(q, k, v, scale, upcast)
-    if impl == "chunked":
-        return _query_chunked_attention(q, k, v, scale, upcast, _CPU_QUERY_CHUNK)
     if impl == "reference":
         return _reference_attention(q, k, v, scale, upcast)
     if impl in ("xla", "cudnn"):
         if upcast and impl == "xla":
             return _reference_attention(q, k, v, scale, upcast)
         return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=impl)
-    raise ValueError(
-        f"unknown attention implementation {impl!r}; use auto, xla, cudnn, blockwise, chunked or reference"
-    )
+    raise ValueError(f"unknown attention implementation {impl!r}; use auto, xla, cudnn, blockwise or reference")
 
 
 class Attention(nnx.Module):

@@ -11,19 +11,18 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from jointnet_jax import weights
-from jointnet_jax.models import hub
 from jointnet_jax.models.layers import embed, layer_norm, linear
 
 _ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
 }
-_PREFIX = "text_model."
+PREFIX = "text_model."
 # transformers 4 checkpoints may carry this (non-parameter) buffer; it is always arange(max_positions).
-_POSITION_IDS = "text_model.embeddings.position_ids"
+POSITION_IDS = "text_model.embeddings.position_ids"
 
 
 @dataclass(frozen=True)
@@ -150,52 +149,18 @@ class CLIPTextModel(nnx.Module):
         return self.text_model(jnp.asarray(input_ids, jnp.int32))
 
 
-def load_text_encoder(
-    path, subfolder=None, *, dtype=jnp.float32, variant=None, param_dtype=None, sharding=None
-) -> CLIPTextModel:
-    """A transformers ``text_encoder/`` folder (config.json + model.safetensors or pytorch_model.bin; a local
-    folder or a Hub id, see ``models.hub``)."""
-    path = hub.resolve(path, subfolder, what="text encoder folder")
-    if not path.is_dir():
-        raise FileNotFoundError(f"text encoder folder {path} does not exist")
-    config = CLIPTextConfig.from_dict(weights.read_config(path))
-    model = weights.abstract(lambda: CLIPTextModel(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    return weights.load_folder(
-        model,
-        path,
-        stem="model",
-        variant=variant,
-        param_dtype=param_dtype,
-        rename=lambda k: k if k.startswith(_PREFIX) else _PREFIX + k,
-        ignore_unexpected=lambda k: k == _POSITION_IDS,
-        sharding=sharding,
-    )
-
-
-def load_tokenizer(path, subfolder=None):
-    """The ``tokenizer/`` folder of a Stable Diffusion checkpoint as a transformers ``CLIPTokenizer`` (a local
-    folder or a Hub id)."""
-    from transformers import CLIPTokenizer
-
-    path = hub.resolve(path, subfolder, what="tokenizer folder")
-    if not path.is_dir():
-        raise FileNotFoundError(f"tokenizer folder {path} does not exist")
-    return CLIPTokenizer.from_pretrained(str(path))
-
-
 _forward = jax.jit(lambda model, ids: model(ids))
 
 
-def encode_prompts(tokenizer, text_encoder: CLIPTextModel, prompts: list[str]) -> jax.Array:
-    """Prompt embeddings (B, model_max_length, D), tokenized as the SD pipelines do: padded to the full
-    length and truncated, with no attention mask (SD was trained on the padded sequence)."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    ids = tokenizer(
-        list(prompts),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="np",
+def tokenize(tokenizer, prompts) -> np.ndarray:
+    """Token ids (B, model_max_length) as the SD pipelines make them: padded to the full length and truncated,
+    with no attention mask (SD was trained on the padded sequence)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="np"
     ).input_ids
-    return _forward(text_encoder, jnp.asarray(ids, jnp.int32))
+
+
+def encode_prompts(tokenizer, text_encoder: CLIPTextModel, prompts) -> jax.Array:
+    """Prompt embeddings (B, model_max_length, D) of ``tokenize``'s ids."""
+    return _forward(text_encoder, jnp.asarray(tokenize(tokenizer, prompts), jnp.int32))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jointnet_jax import weights
+from jointnet_jax.models import weights
 from jointnet_jax.models.unet import UNet2DConditionModel, UNetConfig
 
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jointnet_jax import weights
+from jointnet_jax.models import weights
 from jointnet_jax.models.layers import conv
 from jointnet_jax.models.unet import UNet2DConditionModel, UNetConfig
 
@@ -130,6 +130,16 @@ class JointNet(nnx.Module):
             dtype=dtype,
             rngs=rngs,
         )
+
+    @property
+    def rgb(self) -> JointNetBranch:
+        """The RGB branch (parameter path ``unet.``, the official sub-folder name)."""
+        return self.unet
+
+    @property
+    def dense(self) -> JointNetBranch:
+        """The dense (depth or normal) branch (parameter path ``jointnet.``, the official sub-folder name)."""
+        return self.jointnet
 
     @property
     def masked_input(self) -> bool:

@@ -34,8 +34,7 @@ class PixelSpace(nnx.Module):
         return jnp.repeat(z, 3, axis=-1) if self.channels == 1 else z
 
 
-def branch_codecs(vae, rgb_channels: int, dense_channels: int) -> tuple:
-    """The (RGB, dense) codecs: the shared VAE of a latent model, or one ``PixelSpace`` per branch."""
-    if vae is not None:
-        return vae, vae
-    return PixelSpace(rgb_channels), PixelSpace(dense_channels)
+def branch_codecs(vae, *channels: int) -> tuple:
+    """One codec per branch of a model with these ``channels`` (RGB first): the shared VAE of a latent model,
+    or one ``PixelSpace`` per branch."""
+    return tuple(vae if vae is not None else PixelSpace(c) for c in channels)

@@ -265,6 +265,13 @@ class UNet2DConditionModel(nnx.Module):
         h = jax.nn.silu(self.conv_norm_out(h))
         return self.conv_out(h)
 
+    masked_input = False  # a plain UNet has no masked-latent input
+
+    @property
+    def channels(self) -> tuple[int]:
+        """Its one branch's latent channels (a twin's ``channels`` is (RGB, dense))."""
+        return (self.config.in_channels,)
+
     def __call__(self, x, t, context):
         skips, mid, temb = self.forward_down(x, t, context)
         return self.forward_up(skips, mid, temb, context)

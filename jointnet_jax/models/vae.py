@@ -8,15 +8,12 @@ for the VAE regardless of the config.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jointnet_jax import weights
-from jointnet_jax.models import hub
 from jointnet_jax.models.attention import Attention
 from jointnet_jax.models.layers import conv, group_norm
 from jointnet_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
@@ -29,8 +26,6 @@ _UNSUPPORTED_UNLESS = {
     "latents_mean": None,
     "latents_std": None,
 }
-_LEGACY_ATTENTION = re.compile(r"(\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
-_LEGACY_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
 @dataclass(frozen=True)
@@ -266,26 +261,3 @@ class AutoencoderKL(nnx.Module):
         """Reconstruction through the posterior mode, or a posterior sample when ``key`` is given."""
         posterior = self.encode(x)
         return self.decode(posterior.mode() if key is None else posterior.sample(key))
-
-
-def _rename_legacy_attention(key: str) -> str:
-    """Pre-0.14 diffusers VAE checkpoints name the attention projections query/key/value/proj_attn."""
-    m = _LEGACY_ATTENTION.search(key)
-    if m is None:
-        return key
-    return f"{key[: m.start()]}{m.group(1)}.{_LEGACY_NAMES[m.group(2)]}.{m.group(3)}"
-
-
-def load_vae(
-    path, subfolder=None, *, dtype=jnp.float32, variant=None, param_dtype=None, sharding=None
-) -> AutoencoderKL:
-    """A diffusers ``vae/`` folder (config.json + weights; a local folder or a Hub id, see ``models.hub``),
-    legacy attention names included."""
-    path = hub.resolve(path, subfolder, what="VAE folder")
-    if not path.is_dir():
-        raise FileNotFoundError(f"VAE folder {path} does not exist")
-    config = VAEConfig.from_dict(weights.read_config(path))
-    model = weights.abstract(lambda: AutoencoderKL(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    return weights.load_folder(
-        model, path, variant=variant, rename=_rename_legacy_attention, sharding=sharding, param_dtype=param_dtype
-    )

@@ -19,14 +19,19 @@ from jointnet_jax.diffusion.guidance import cfg, rescale_guidance
 from jointnet_jax.diffusion.samplers import Sampler
 from jointnet_jax.pipelines import tiles
 
-# Host-side progress sink for the compiled loop (a tqdm bar or None); set by the caller around a run.
-_PROGRESS = {"bar": None}
 
+class Progress:
+    """Where the compiled loop reports its steps: a host callback per step updates ``bar`` (a tqdm bar, or
+    None between runs). It is a static argument of ``denoise`` hashed by identity, so a caller keeps one
+    (``Pipeline`` has its own) and sets ``bar`` around each run: the program, compiled once, calls back into
+    the same object every time."""
 
-def _tick(_):
-    bar = _PROGRESS["bar"]
-    if bar is not None:
-        bar.update(1)
+    def __init__(self):
+        self.bar = None
+
+    def tick(self, _step):
+        if self.bar is not None:
+            self.bar.update(1)
 
 
 @dataclass(frozen=True)
@@ -107,16 +112,18 @@ def denoise(
     key,
     *,
     guided,
-    progress=False,
+    progress: Progress | None = None,
     tiling: tiles.TileGrid | None = None,
 ):
-    """Run the whole sampler trajectory in one compiled program; returns the final joint latents (float32)."""
+    """Run the whole sampler trajectory in one compiled program; returns the final joint latents (float32).
+    ``progress``: a ``Progress`` told about every step (None: no host callbacks, and a program that JAX's
+    persistent cache can keep)."""
     model = nnx.merge(graphdef, state)
 
     def body(i, carry):
         carry = loop_step(model, sampler, inputs, guidance_scale, guidance_rescale, key, guided, i, carry, tiling)
-        if progress:
-            jax.debug.callback(_tick, i)
+        if progress is not None:
+            jax.debug.callback(progress.tick, i)
         return carry
 
     x0 = inputs.x.astype(jnp.float32)

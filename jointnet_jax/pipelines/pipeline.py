@@ -12,6 +12,7 @@ goes through ``loop.denoise``; tiled tasks (panorama, refine, panorama inpaintin
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,36 +20,35 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
+from jointnet_jax import sharding
 from jointnet_jax.diffusion.samplers import make_sampler
 from jointnet_jax.diffusion.schedule import NoiseSchedule, load_schedule
 from jointnet_jax.models import hub
-from jointnet_jax.models.clip_text import load_text_encoder, load_tokenizer
+from jointnet_jax.models.clip_text import tokenize
 from jointnet_jax.models.functional import compiled
 from jointnet_jax.models.jointnet import JointNet
+from jointnet_jax.models.loading import load_jointnet, load_text_encoder, load_tokenizer, load_vae
 from jointnet_jax.models.pixel_space import branch_codecs
-from jointnet_jax.models.vae import load_vae
 from jointnet_jax.pipelines import loop
-from jointnet_jax.pipelines.tasks import latent_mask, task_masks
+from jointnet_jax.pipelines.tasks import Task, get_task, latent_mask
 from jointnet_jax.pipelines.tiles import TileGrid, Tiling
-from jointnet_jax.pretrained import load_jointnet
 
 WRAP_DECODE_COLUMNS = 8  # latent columns copied onto each side to decode a wrapped canvas (official)
-REFINE_PRESETS = {"both": "refine", "image": "image", "depth": "depth"}
 BASE_SUBFOLDERS = ("vae", "text_encoder", "tokenizer", "scheduler")  # what a pipeline reads from the base
-SCHEDULERS = {"ddim": "ddim", "dpmpp2m": "dpmpp_2m", "euler": "euler", "euler_a": "euler_ancestral"}
+REFINE_PRESETS = ("both", "image", "depth")  # what ``refine`` regenerates (task names, "both" = refine)
 
 
 @dataclass
 class SampleSettings:
-    """Everything that shapes one sampling run (written next to every output)."""
+    """Everything that shapes one sampling run (written next to every output). ``sampler``: any name of
+    ``diffusion.SAMPLER_NAMES``; ``scheduler`` is its old spelling, still accepted."""
 
     steps: int = 50
     cfg: float = 7.5
     guidance_rescale: float = 0.0
-    scheduler: str = "ddim"
+    sampler: str = "ddim"
     eta: float = 0.0
     height: int | None = None
     width: int | None = None
@@ -57,6 +57,11 @@ class SampleSettings:
     strength: float = 1.0
     negative_prompt: str = ""
     masked_conditioning: bool | None = None  # None: use it when the model has the layer
+    scheduler: dataclasses.InitVar[str | None] = None
+
+    def __post_init__(self, scheduler):
+        if scheduler is not None:
+            self.sampler = scheduler
 
 
 class Pipeline:
@@ -75,6 +80,7 @@ class Pipeline:
         self._encode = [compiled(c, "encode") for c in self.codecs]
         self._decode = [compiled(c, "decode") for c in self.codecs]
         self._text = compiled(text_encoder)
+        self._progress = loop.Progress()  # this pipeline's progress sink, shared by all its compiled loops
 
     @classmethod
     def from_pretrained(cls, base, model, *, dtype=jnp.float32, modality="depth", variant=None) -> Pipeline:
@@ -119,14 +125,7 @@ class Pipeline:
     def encode_text(self, prompts: list[str]) -> jax.Array:
         """Embeddings (P, L, D); each distinct prompt is encoded once."""
         unique = list(dict.fromkeys(prompts))
-        ids = self.tokenizer(
-            unique,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="np",
-        ).input_ids
-        emb = self._text(jnp.asarray(ids, jnp.int32))
+        emb = self._text(jnp.asarray(tokenize(self.tokenizer, unique), jnp.int32))
         return emb[jnp.asarray([unique.index(p) for p in prompts])]
 
     def encode_images(self, images, key, branch: int = 0) -> jax.Array:
@@ -215,17 +214,16 @@ class Pipeline:
             image = _resize(image, size, Image.LANCZOS)
         if preset != "image":
             depth = _resize(depth, size, Image.NEAREST)
-        return self.run(REFINE_PRESETS[preset], prompts, image=image, depth=depth, settings=s, tiling=tiling, **kw)
+        return self.run(get_task(preset), prompts, image=image, depth=depth, settings=s, tiling=tiling, **kw)
 
-    def sampler(self, kind, steps, strength=1.0, eta=0.0):
-        """Samplers compare by value, so the compiled loop is shared by equal settings."""
-        if kind not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {kind!r}; expected one of {', '.join(SCHEDULERS)}")
-        return make_sampler(SCHEDULERS[kind], self.schedule, steps, strength=strength, eta=eta)
+    def sampler(self, name, steps, strength=1.0, eta=0.0):
+        """``name``: any of ``diffusion.SAMPLER_NAMES``. Samplers compare by value, so the compiled loop is
+        shared by equal settings."""
+        return make_sampler(name, self.schedule, steps, strength=strength, eta=eta)
 
     def run(
         self,
-        task,
+        task: str | Task,
         prompts,
         *,
         image=None,
@@ -238,76 +236,56 @@ class Pipeline:
         tiling: Tiling | str | None = None,
         **overrides,
     ):
-        """Sample ``num_samples`` per prompt. Returns a dict of float32 numpy arrays: ``rgb`` (B, H, W, 3),
-        ``depth`` (B, H, W) or ``normal`` (B, H, W, 3), and the final ``latents`` (B, h, w, 8).
-        ``tiling``: tile-based denoising of the canvas (a ``tiles.Tiling`` or a preset name for the native
-        tile, see ``tiles.MODES``); None denoises it whole."""
-        s = settings or SampleSettings()
-        s = SampleSettings(**{**s.__dict__, **overrides})
+        """Sample ``num_samples`` per prompt for ``task`` (a name of ``tasks.TASKS`` or an official preset
+        name). Returns a dict of float32 numpy arrays: ``rgb`` (B, H, W, 3), ``depth`` (B, H, W) or
+        ``normal`` (B, H, W, 3), and the final ``latents`` (B, h, w, 8). ``tiling``: tile-based denoising of
+        the canvas (a ``tiles.Tiling`` or a preset name for the native tile, see ``tiles.MODES``); None
+        denoises it whole. ``progress=False``: no progress bar (and no host callbacks in the loop)."""
+        spec = get_task(task)
+        s, unknown = _split_settings(settings or SampleSettings(), overrides)
+        if unknown:
+            raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
+        given = {"image": image, "depth": depth, "mask": mask, "depth_mask": depth_mask}
+        spec.check(given, s.strength, self.modality)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         batch_prompts = [p for p in prompts for _ in range(s.num_samples)]
-        b = len(batch_prompts)
-        height, width = self._resolve_size(s, image, depth)
-        self._check_size(height, width)
-        if not 0.0 < s.strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {s.strength}")
-        if task == "generate" and s.strength != 1.0:
-            raise ValueError("strength < 1 needs an input image or depth (SDEdit); generate starts from noise")
-        if task == "refine" and s.strength == 1.0:
-            raise ValueError("refine is SDEdit: give a strength below 1 (official 0.4)")
-        grid = self._tile_grid(tiling, height, width)
-        m_rgb, m_dense = task_masks(task, b, height, width, mask, depth_mask)
-        masked = self.jointnet.masked_input if s.masked_conditioning is None else s.masked_conditioning
-        if masked and not self.jointnet.masked_input:
-            raise ValueError(
-                "masked-latent conditioning was requested but this model has no "
-                "jointnet_masked_latent_conv (use an inpainting checkpoint such as rgbd_inpaint)"
-            )
-
+        size = self._resolve_size(s, image, depth)
+        self._check_size(*size)
+        grid = self._tile_grid(tiling, *size)
+        sampler = self.sampler(s.sampler, s.steps, float(s.strength), float(s.eta))
         key_noise, key_vae, key_loop = jax.random.split(jax.random.key(s.seed), 3)
-        f = self.vae_factor
-        h, w = height // f, width // f
+        inputs = self._loop_inputs(spec, s, batch_prompts, given, size, sampler, init_noise, (key_noise, key_vae))
+        sink = None if progress is False else self._progress
+        with _progress_bar(sink, sampler.num_steps, spec.name):
+            latents = loop.denoise(
+                self._graphdef,
+                self._state,
+                sampler,
+                inputs,
+                jnp.float32(s.cfg),
+                jnp.float32(s.guidance_rescale),
+                key_loop,
+                guided=s.cfg > 1.0,
+                progress=sink,
+                tiling=grid,
+            )
+        return self._outputs(latents, wrap=grid is not None and grid.tiling.wrap)
+
+    # -------------------------------------------------------------------------------------------------
+
+    def _loop_inputs(self, spec: Task, s, prompts, given, size, sampler, init_noise, keys) -> loop.LoopInputs:
+        """Everything the loop needs, from the task's data: initial noise, the known latents (encoded
+        inputs), the per-channel generate mask, the masked-latent conditioning and the text embeddings."""
+        (height, width), f, b = size, self.vae_factor, len(prompts)
         c_rgb, c_dense = self.channels
-        noise = self._initial_noise(init_noise, key_noise, (b, h, w, c_rgb + c_dense))
-        sampler = self.sampler(s.scheduler, s.steps, float(s.strength), float(s.eta))
-
-        known = None
-        if task != "generate":
-            rgb_in = (
-                _fit_batch(image, b, (height, width, 3), "image")
-                if image is not None
-                else np.zeros((b, height, width, 3), np.float32)
-            )
-            dense_in = (
-                self.dense_to_image(
-                    _fit_batch(depth, b, (height, width) + ((3,) if self.modality == "normal" else ()), self.modality)
-                )
-                if depth is not None
-                else np.zeros((b, height, width, 3), np.float32)
-            )
-            if task in ("depth", "inpaint", "refine") and image is None:
-                raise ValueError(f"task {task!r} needs an input image")
-            if task in ("image", "inpaint", "refine") and depth is None:
-                raise ValueError(f"task {task!r} needs an input {self.modality} map")
-            known = self._encode_known(rgb_in, dense_in, key_vae)
-        lm_rgb = jnp.asarray(latent_mask(m_rgb, f))[..., None]
-        lm_dense = jnp.asarray(latent_mask(m_dense, f))[..., None]
-        generate = jnp.concatenate([jnp.repeat(lm_rgb, c_rgb, -1), jnp.repeat(lm_dense, c_dense, -1)], axis=-1)
-        cond_rgb = cond_dense = None
-        if self.jointnet.masked_input:
-            # A masked-input model always takes the conditioning; with it off, the model is told that nothing
-            # is known (masks 1, no masked latents: the stage-3 "none" masks) and only the replacement keeps
-            # the known region.
-            cm_rgb, cm_dense = (lm_rgb, lm_dense) if masked else (jnp.ones_like(lm_rgb), jnp.ones_like(lm_dense))
-            given = known if known is not None else jnp.zeros((b, h, w, c_rgb + c_dense))
-            kr, kd = given[..., :c_rgb], given[..., c_rgb:]
-            cond_rgb = jnp.concatenate([cm_rgb, (cm_rgb < 0.5) * kr], axis=-1)
-            cond_dense = jnp.concatenate([cm_dense, (cm_dense < 0.5) * kd], axis=-1)
+        noise = self._initial_noise(init_noise, keys[0], (b, height // f, width // f, c_rgb + c_dense))
+        m_rgb, m_dense = (jnp.asarray(latent_mask(m, f))[..., None] for m in spec.masks(b, height, width, given))
+        known = self._encode_known(*self._known_images(given, b, size), keys[1]) if spec.has_known else None
+        generate = jnp.concatenate([jnp.repeat(m_rgb, c_rgb, -1), jnp.repeat(m_dense, c_dense, -1)], axis=-1)
+        cond_rgb, cond_dense = self._conditioning(s.masked_conditioning, m_rgb, m_dense, known, noise.shape)
         x = noise * sampler.init_noise_sigma if s.strength == 1.0 else sampler.add_noise_at(known, noise, 0)
-
-        guided = s.cfg > 1.0
-        text = self.encode_text(batch_prompts)
-        if guided:
+        text = self.encode_text(prompts)
+        if s.cfg > 1.0:
             text = jnp.concatenate([self.encode_text([s.negative_prompt] * b), text])
         inputs = loop.LoopInputs(
             x=x,
@@ -318,30 +296,48 @@ class Pipeline:
             cond_dense=cond_dense,
             text=text,
         )
-        inputs = self._shard(inputs, b)
-        with _progress_bar(progress, sampler.num_steps, task):
-            latents = loop.denoise(
-                self._graphdef,
-                self._state,
-                sampler,
-                inputs,
-                jnp.float32(s.cfg),
-                jnp.float32(s.guidance_rescale),
-                key_loop,
-                guided=guided,
-                progress=progress is not False,
-                tiling=grid,
+        return sharding.shard_batch(inputs, b)
+
+    def _known_images(self, given, b, size):
+        """The inputs as (B, H, W, 3) images in [0, 1]: RGB, and the dense map as an image; a side that is not
+        given is black (zeros -> -1 after scaling), as the official presets build it."""
+        black = np.zeros((b, *size, 3), np.float32)
+        rgb = black if given["image"] is None else _fit_batch(given["image"], b, (*size, 3), "image")
+        if given["depth"] is None:
+            return rgb, black
+        shape = (*size, 3) if self.modality == "normal" else size
+        return rgb, self.dense_to_image(_fit_batch(given["depth"], b, shape, self.modality))
+
+    def _conditioning(self, requested, m_rgb, m_dense, known, shape):
+        """(cond_rgb, cond_dense) = [latent mask | masked latent] per branch for a masked-input model, else
+        (None, None). With conditioning off (``requested=False``) such a model is told that nothing is known
+        (masks 1, no masked latents: the stage-3 "none" masks); only the replacement keeps the known region."""
+        if requested and not self.jointnet.masked_input:
+            raise ValueError(
+                "masked-latent conditioning was requested but this model has no "
+                "jointnet_masked_latent_conv (use an inpainting checkpoint such as rgbd_inpaint)"
             )
-        wrap = grid is not None and grid.tiling.wrap
-        out = {"rgb": self.decode_latents(latents[..., :c_rgb], wrap, 0), "latents": np.asarray(latents)}
+        if not self.jointnet.masked_input:
+            return None, None
+        if requested is False:
+            m_rgb, m_dense = jnp.ones_like(m_rgb), jnp.ones_like(m_dense)
+        given = known if known is not None else jnp.zeros(shape)
+        c_rgb = self.channels[0]
+        return tuple(
+            jnp.concatenate([m, (m < 0.5) * latent], axis=-1)
+            for m, latent in ((m_rgb, given[..., :c_rgb]), (m_dense, given[..., c_rgb:]))
+        )
+
+    def _outputs(self, latents, wrap: bool) -> dict:
+        """Decoded samples: ``rgb``, and ``depth`` (channel 0 of the decoded dense image) or ``normal``."""
+        c_rgb = self.channels[0]
         dense = self.decode_latents(latents[..., c_rgb:], wrap, 1)
+        out = {"rgb": self.decode_latents(latents[..., :c_rgb], wrap, 0), "latents": np.asarray(latents)}
         if self.modality == "depth":
             out["depth"] = dense[..., 0]
         else:
             out["normal"] = dense
         return out
-
-    # -------------------------------------------------------------------------------------------------
 
     def _encode_known(self, rgb, dense, key) -> jax.Array:
         """Known inputs -> one joint latent. A shared VAE encodes both halves as one batch (official)."""
@@ -382,14 +378,6 @@ class Pipeline:
             raise ValueError("initial noise contains NaN or inf")
         return jnp.asarray(init_noise)
 
-    def _shard(self, inputs, batch):
-        """Data-parallel over local devices when there are several and the batch divides evenly."""
-        devices = jax.local_devices()
-        if len(devices) == 1 or batch % len(devices):
-            return inputs
-        sharding = NamedSharding(Mesh(np.array(devices), ("data",)), PartitionSpec("data"))
-        return jax.tree.map(lambda a: jax.device_put(a, sharding), inputs)
-
 
 def _fit_batch(array, batch, shape, name):
     """One input (shape) or a batch (B, *shape) -> (B, *shape) float32, with a clear size error."""
@@ -404,8 +392,12 @@ def _fit_batch(array, batch, shape, name):
 
 
 def _split_settings(settings: SampleSettings, kw: dict) -> tuple[SampleSettings, dict]:
-    """A copy of ``settings`` with the ``SampleSettings`` fields of ``kw`` applied, and the other keywords."""
-    fields = {k: v for k, v in kw.items() if k in SampleSettings.__dataclass_fields__}
+    """A copy of ``settings`` with the ``SampleSettings`` fields of ``kw`` applied (``scheduler`` meaning
+    ``sampler``), and the other keywords."""
+    kw = dict(kw)
+    if "scheduler" in kw:
+        kw["sampler"] = kw.pop("scheduler")
+    fields = {k: v for k, v in kw.items() if k in SampleSettings.__dataclass_fields__ and k != "scheduler"}
     return SampleSettings(**{**settings.__dict__, **fields}), {k: v for k, v in kw.items() if k not in fields}
 
 
@@ -420,15 +412,16 @@ def _resize(array, size, resample) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _progress_bar(progress, total, desc):
-    if progress is False:
+def _progress_bar(sink: loop.Progress | None, total: int, desc: str):
+    """A tqdm bar fed by the compiled loop's step callbacks through ``sink`` (nothing when it is None)."""
+    if sink is None:
         yield
         return
     from tqdm.auto import tqdm
 
     with tqdm(total=total, desc=desc, unit="step", leave=False) as bar:
-        loop._PROGRESS["bar"] = bar
+        sink.bar = bar
         try:
             yield
         finally:
-            loop._PROGRESS["bar"] = None
+            sink.bar = None

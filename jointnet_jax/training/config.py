@@ -6,7 +6,8 @@ import ml_collections
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.base = ""  # SD2.1-base diffusers folder (vae/ text_encoder/ tokenizer/ scheduler/ unet/), or "tiny"
+    c.base = ""  # SD2.1-base diffusers folder or Hub id (vae/ text_encoder/ tokenizer/ scheduler/ unet/), or "tiny"
+    c.tiny_unet = "4level"  # with base "tiny": "4level" (SD2.1's block layout), "2level" (compiles faster), "pixel"
     c.init_from = ""  # optional official-layout JointNet to start from (a release or a previous export)
     c.stage = 1  # 0: the base text-to-image UNet alone (the CPU demo's stand-in for SD2.1); 1-3: paper §3.4
     c.model = "jointnet"  # or "direct_extend": the paper's baseline (one UNet widened to RGB + dense)
@@ -58,7 +59,6 @@ def base_config() -> ml_collections.ConfigDict:
 def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """CPU-sized variant: tiny random SD-shaped base, the synthetic world, a few steps."""
     c.base = "tiny"
-    c.tiny_unet = "4level"  # tiny base UNet: "4level" (SD2.1's block layout) or "2level" (compiles much faster)
     c.batch_size = 8
     c.total_steps = 20
     c.warmup_steps = 5

@@ -21,7 +21,7 @@ class LossSettings:
     modality: str = "depth"
     text_drop: float = 0.15
     noise_offset: float = 0.05
-    stage: int = 1
+    masks: bool = False  # stage 3: per-example inpainting masks as masked-latent conditioning
 
 
 def _per_example_keys(key, index, n):
@@ -43,38 +43,41 @@ def encode_latents(codec, images, keys):
     return (posterior.mean + posterior.std * eps) * codec.scaling_factor
 
 
+def denoise_branches(model, x_t: list, t, text, conds):
+    """Every branch's prediction: the base UNet ``model(x, t, text)`` for one branch, else the two-branch
+    ``model(x_rgb, x_dense, t, text, cond_rgb, cond_dense)``."""
+    if len(x_t) == 1:
+        return (model(x_t[0], t, text),)
+    return model(*x_t, t, text, *(conds or (None, None)))
+
+
 def joint_loss(model, codecs, text_encoder, schedule: NoiseSchedule, uncond, batch, key, s: LossSettings):
-    """Returns (loss, metrics). ``codecs``: a VAE shared by both branches, or the (RGB, dense) pair
-    (``pixel_space.branch_codecs``); ``uncond``: the empty prompt's embedding (1, L, D), used for text drop.
-    Stage 0 trains the base text-to-image UNet ``model(x, t, text)`` on the RGB half alone, with the same
-    per-example randomness as the RGB half of the later stages."""
+    """Returns (loss, metrics). ``codecs``: one codec per branch (``pixel_space.branch_codecs``), or a VAE
+    shared by the two branches; ``uncond``: the empty prompt's embedding (1, L, D), used for text drop. One
+    branch (``codecs`` of length 1) trains the base text-to-image UNet on the RGB data alone, with the same
+    per-example randomness as the RGB branch of a two-branch model."""
     codecs = codecs if isinstance(codecs, tuple) else (codecs, codecs)
-    k = _per_example_keys(key, batch["index"], 9)
-    b = batch["image"].shape[0]
-    x0 = encode_latents(codecs[0], batch["image"], k[:, 0])
+    k = _per_example_keys(key, batch["index"], 9)  # 0/1: posteriors, 2: text drop, 3: t, 4/5: noise, 6: masks
+    data = (batch["image"], batch.get(s.modality))[: len(codecs)]
+    x0 = [encode_latents(c, images, k[:, j]) for j, (c, images) in enumerate(zip(codecs, data, strict=True))]
     text = text_encoder(batch["input_ids"])
     drop = jax.vmap(lambda kk: jax.random.uniform(kk) < s.text_drop)(k[:, 2])
     text = jnp.where(drop[:, None, None], uncond.astype(text.dtype), text)
     t = jax.vmap(lambda kk: jax.random.randint(kk, (), 0, schedule.num_train_timesteps))(k[:, 3])
-    eps_x = jax.vmap(lambda kk: _offset_noise(kk, x0.shape[1:], s.noise_offset))(k[:, 4])
-    x_t = add_noise(schedule, x0, eps_x, t)
-    valid = batch.get("valid", jnp.ones((b,), bool)).astype(jnp.float32)
-    denom = jnp.maximum(valid.sum(), 1.0)
+    eps = [
+        jax.vmap(lambda kk, x=x: _offset_noise(kk, x.shape[1:], s.noise_offset))(k[:, 4 + j]) for j, x in enumerate(x0)
+    ]
+    x_t = [add_noise(schedule, x, e, t) for x, e in zip(x0, eps, strict=True)]
+    conds = None
+    if s.masks:
+        masks = jax.vmap(lambda kk: sample_masks(kk, *x0[0].shape[1:3]))(k[:, 6])
+        conds = tuple(conditioning(m, x) for m, x in zip(masks, x0, strict=True))
+    valid = batch.get("valid", jnp.ones((x0[0].shape[0],), bool)).astype(jnp.float32)
 
-    def mse(pred, x0_, eps, t_):
-        err = (pred.astype(jnp.float32) - training_target(schedule, x0_, eps, t_)) ** 2
-        return (err.mean(axis=(1, 2, 3)) * valid).sum() / denom
+    def mse(pred, x, e):
+        err = (pred.astype(jnp.float32) - training_target(schedule, x, e, t)) ** 2
+        return (err.mean(axis=(1, 2, 3)) * valid).sum() / jnp.maximum(valid.sum(), 1.0)
 
-    if s.stage == 0:
-        loss_rgb = mse(model(x_t, t, text), x0, eps_x, t)
-        return loss_rgb, {"loss_rgb": loss_rgb}
-    y0 = encode_latents(codecs[1], batch[s.modality], k[:, 1])
-    eps_y = jax.vmap(lambda kk: _offset_noise(kk, y0.shape[1:], s.noise_offset))(k[:, 5])
-    y_t = add_noise(schedule, y0, eps_y, t)
-    cond_x = cond_y = None
-    if s.stage == 3:
-        m_x, m_y = jax.vmap(lambda kk: sample_masks(kk, *x0.shape[1:3]))(k[:, 6])
-        cond_x, cond_y = conditioning(m_x, x0), conditioning(m_y, y0)
-    pred_x, pred_y = model(x_t, y_t, t, text, cond_x, cond_y)
-    loss_rgb, loss_dense = mse(pred_x, x0, eps_x, t), mse(pred_y, y0, eps_y, t)
-    return loss_rgb + loss_dense, {"loss_rgb": loss_rgb, "loss_dense": loss_dense}
+    preds = denoise_branches(model, x_t, t, text, conds)
+    losses = [mse(p, x, e) for p, x, e in zip(preds, x0, eps, strict=True)]
+    return sum(losses), dict(zip(("loss_rgb", "loss_dense")[: len(losses)], losses, strict=True))

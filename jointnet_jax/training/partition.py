@@ -12,22 +12,21 @@ from __future__ import annotations
 from flax import nnx
 
 from jointnet_jax.models.jointnet import EXCHANGE_PREFIX, JointNet
+from jointnet_jax.training.stages import get_stage
 
 
 def is_trainable(stage: int):
     """An NNX filter ``(path, value) -> bool`` selecting the trainable parameters of ``stage``."""
-    if stage not in (0, 1, 2, 3):
-        raise ValueError(f"stage must be 0 (base), 1, 2 or 3; got {stage}")
-    if stage != 1:
+    if not get_stage(stage).frozen_rgb:
         return nnx.Param
 
-    def stage1(path, value):
+    def frozen_rgb(path, value):
         if not isinstance(value, nnx.Param):
             return False
         branch, name = str(path[0]), str(path[1]) if len(path) > 1 else ""
         return branch == "jointnet" or name.startswith(EXCHANGE_PREFIX)
 
-    return stage1
+    return frozen_rgb
 
 
 def split_trainable(model: nnx.Module, stage: int):

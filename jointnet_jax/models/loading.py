@@ -1,18 +1,28 @@
-"""Loading models from diffusers folders and the official JointNet layout (the public ``jj.load_*``)."""
+"""Every ``load_*``: diffusers/transformers model folders and the official JointNet layout, from a local
+folder or a Hub id (``models.hub``), through the strict, lazy weight reader of ``models.weights``.
+
+Each loader builds the model on abstract shapes from the folder's own ``config.json`` and fills it tensor by
+tensor. Key layouts that differ between checkpoint generations are mapped here: legacy VAE attention names,
+transformers-4 vs -5 text-encoder prefixes, and the official JointNet's optional masked-latent conv.
+"""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import jax.numpy as jnp
 from flax import nnx
 
-from jointnet_jax import weights
-from jointnet_jax.models import hub
+from jointnet_jax.models import hub, weights
+from jointnet_jax.models.clip_text import POSITION_IDS, PREFIX, CLIPTextConfig, CLIPTextModel
 from jointnet_jax.models.jointnet import BRANCHES, EXCHANGE_PREFIX, JointNet
 from jointnet_jax.models.unet import UNet2DConditionModel, UNetConfig
+from jointnet_jax.models.vae import AutoencoderKL, VAEConfig
 
 MASKED_CONV = "jointnet_masked_latent_conv."
+_LEGACY_ATTENTION = re.compile(r"(\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
+_LEGACY_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
 def load_unet(
@@ -81,3 +91,59 @@ def load_jointnet(path, *, dtype=jnp.float32, variant=None, param_dtype=None, sh
         sharding=sharding,
         param_dtype=param_dtype,
     )
+
+
+def _rename_legacy_attention(key: str) -> str:
+    """Pre-0.14 diffusers VAE checkpoints name the attention projections query/key/value/proj_attn."""
+    m = _LEGACY_ATTENTION.search(key)
+    if m is None:
+        return key
+    return f"{key[: m.start()]}{m.group(1)}.{_LEGACY_NAMES[m.group(2)]}.{m.group(3)}"
+
+
+def load_vae(
+    path, subfolder=None, *, dtype=jnp.float32, variant=None, param_dtype=None, sharding=None
+) -> AutoencoderKL:
+    """A diffusers ``vae/`` folder (config.json + weights; a local folder or a Hub id, see ``models.hub``),
+    legacy attention names included."""
+    path = hub.resolve(path, subfolder, what="VAE folder")
+    if not path.is_dir():
+        raise FileNotFoundError(f"VAE folder {path} does not exist")
+    config = VAEConfig.from_dict(weights.read_config(path))
+    model = weights.abstract(lambda: AutoencoderKL(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    return weights.load_folder(
+        model, path, variant=variant, rename=_rename_legacy_attention, sharding=sharding, param_dtype=param_dtype
+    )
+
+
+def load_text_encoder(
+    path, subfolder=None, *, dtype=jnp.float32, variant=None, param_dtype=None, sharding=None
+) -> CLIPTextModel:
+    """A transformers ``text_encoder/`` folder (config.json + model.safetensors or pytorch_model.bin; a local
+    folder or a Hub id, see ``models.hub``)."""
+    path = hub.resolve(path, subfolder, what="text encoder folder")
+    if not path.is_dir():
+        raise FileNotFoundError(f"text encoder folder {path} does not exist")
+    config = CLIPTextConfig.from_dict(weights.read_config(path))
+    model = weights.abstract(lambda: CLIPTextModel(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    return weights.load_folder(
+        model,
+        path,
+        stem="model",
+        variant=variant,
+        param_dtype=param_dtype,
+        rename=lambda k: k if k.startswith(PREFIX) else PREFIX + k,
+        ignore_unexpected=lambda k: k == POSITION_IDS,
+        sharding=sharding,
+    )
+
+
+def load_tokenizer(path, subfolder=None):
+    """The ``tokenizer/`` folder of a Stable Diffusion checkpoint as a transformers ``CLIPTokenizer`` (a local
+    folder or a Hub id)."""
+    from transformers import CLIPTokenizer
+
+    path = hub.resolve(path, subfolder, what="tokenizer folder")
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer folder {path} does not exist")
+    return CLIPTokenizer.from_pretrained(str(path))

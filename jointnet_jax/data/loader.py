@@ -1,4 +1,4 @@
-"""Grain input pipeline: record shards -> augmented, tokenised, per-process numpy batches.
+"""The data loader (Grain): record shards -> augmented, tokenised, per-process numpy batches.
 
 Stages (each line runs where noted)::
 
@@ -9,7 +9,7 @@ Stages (each line runs where noted)::
 Why this split: everything up to ``load`` is a grain ``MapDataset`` indexed by stream position, so
 ``mp_prefetch`` workers interleave elements in exactly the in-process order (batches do not depend
 on ``worker_count``) and grain's own iterator state locates the next element. Counting corrupt
-records and batching happen in :class:`InputPipeline`, a ``grain.DatasetIterator`` running in this
+records and batching happen in :class:`Loader`, a ``grain.DatasetIterator`` running in this
 process, so the counters are readable here and are part of the checkpointed state. The state is a
 JSON-serialisable dict, so grain's Orbax ``CheckpointHandler`` (or plain ``json``) stores it.
 ``grain.DataLoader`` is not used: its ``IndexSampler`` shuffles only within each process's contiguous
@@ -64,8 +64,8 @@ class TooManyCorruptRecordsError(RuntimeError):
 
 
 @dataclasses.dataclass(frozen=True)
-class PipelineConfig:
-    """Input pipeline settings; ``PipelineConfig(**config_dict)`` accepts an ml_collections ConfigDict's items.
+class LoaderConfig:
+    """Loader settings; ``LoaderConfig(**config_dict)`` accepts an ml_collections ConfigDict's items.
 
     ``crop_scale`` is the (min, max) area fraction of the largest square that fits the image;
     ``batch_size`` is per process. ``tokenizer`` is the ``tokenizer/`` folder of the base model, a
@@ -142,7 +142,7 @@ def _resize(array: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.
 class _Load:
     """Record (index, position) -> augmented element; runs in grain workers, so it must pickle."""
 
-    def __init__(self, reader: records.RecordReader, config: PipelineConfig, tokenizer):
+    def __init__(self, reader: records.RecordReader, config: LoaderConfig, tokenizer):
         self.reader, self.config, self.tokenizer = reader, config, tokenizer
 
     def placeholder(self, index: int, status: int, error: str = "") -> dict[str, Any]:
@@ -218,25 +218,25 @@ def _ensure_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-class InputPipeline(grain.DatasetIterator):
+class Loader(grain.DatasetIterator):
     """Infinite (training) or single-pass (eval) iterator of per-process batches; see the module docstring.
 
     ``num_seen`` / ``num_corrupt`` count the records this process read and the corrupt ones among
     them. ``get_state()`` / ``set_state()`` checkpoint and resume exactly (counters included); build
-    the restored pipeline with the same config and process layout. Call ``close()`` to stop workers.
+    the restored loader with the same config and process layout. Call ``close()`` to stop workers.
     """
 
-    _closed = True  # until grain's __init__ runs: a pipeline whose construction failed has nothing to close
+    _closed = True  # until grain's __init__ runs: a loader whose construction failed has nothing to close
 
     def __init__(
         self,
-        config: PipelineConfig | Mapping[str, Any],
+        config: LoaderConfig | Mapping[str, Any],
         *,
         process_index: int | None = None,
         process_count: int | None = None,
     ):
-        if not isinstance(config, PipelineConfig):
-            config = PipelineConfig(**dict(config))
+        if not isinstance(config, LoaderConfig):
+            config = LoaderConfig(**dict(config))
         self.config = config
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
@@ -244,7 +244,7 @@ class InputPipeline(grain.DatasetIterator):
             raise ValueError(f"process_index {self.process_index} is not in [0, {self.process_count}).")
         tokenizer = config.tokenizer
         if isinstance(tokenizer, str | os.PathLike):
-            from jointnet_jax.models.clip_text import load_tokenizer
+            from jointnet_jax.models.loading import load_tokenizer
 
             tokenizer = load_tokenizer(tokenizer)
         self._reader = records.RecordReader(config.paths, decode=False)
@@ -331,7 +331,7 @@ class InputPipeline(grain.DatasetIterator):
 
     def __str__(self) -> str:
         return (
-            f"InputPipeline({self.num_records} records, process {self.process_index}/{self.process_count}, "
+            f"Loader({self.num_records} records, process {self.process_index}/{self.process_count}, "
             f"training={self.config.training})"
         )
 

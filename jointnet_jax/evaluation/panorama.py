@@ -8,22 +8,17 @@ more coherent. The distance is injectable; ``lpips_distance`` wraps the ``lpips`
 torchvision) and loads its whole state dict (backbone + linear heads) from a local file, because nothing
 may be downloaded at run time: write it once with ``torch.save(lpips.LPIPS(net='alex').state_dict(), path)``.
 
-    python -m jointnet_jax.evaluate_panorama --base SD21 --model JOINTNET --prompts-file prompts.txt \\
+    jointnet-evaluate panorama --base SD21 --model JOINTNET --prompts-file prompts.txt \\
         --samples 20 --lpips-weights alex_full.pth --out table2.json
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-
-from jointnet_jax.io_utils import atomic_write
 
 # Table 2 row -> (tiling preset, overrides). "ours (resized full view)" is the paper's wording of the full
 # view (the canvas resized to one tile); "ours" follows the official code (the full canvas).
@@ -92,6 +87,15 @@ def lpips_distance(weights, net: str = "alex"):
     return distance
 
 
+def markdown_table(results: dict) -> str:
+    """Table 2's rows: time per panorama and intra-LPIPS per method."""
+    rows = [
+        f"| {m} | {r['time_s']:.2f} | {r['intra_lpips'] if r['intra_lpips'] is not None else '-'} |"
+        for m, r in results.items()
+    ]
+    return "\n".join(["| setting | time per panorama (s) | intra-LPIPS |", "|---|---|---|", *rows])
+
+
 def evaluate(pipe, prompts, samples: int, distance=None, **settings) -> dict:
     """Per method: wall time per panorama (after a compile run) and intra-LPIPS (when ``distance`` is
     given), averaged over ``samples`` seeds per prompt."""
@@ -112,39 +116,3 @@ def evaluate(pipe, prompts, samples: int, distance=None, **settings) -> dict:
             "panoramas": len(times),
         }
     return results
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jointnet_jax.evaluate_panorama", description=__doc__.split("\n")[0])
-    p.add_argument("--base", required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--prompt", action="append", default=[])
-    p.add_argument("--prompts-file")
-    p.add_argument("--samples", type=int, default=20, help="seeds per prompt (paper: 16 prompts x 20)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--lpips-weights", help="full lpips state dict; without it only times are measured")
-    p.add_argument("--out", required=True, help="JSON results")
-    args = p.parse_args(argv)
-    from jointnet_jax.pipelines import Pipeline
-    from jointnet_jax.sample import _prompts
-
-    try:
-        distance = lpips_distance(args.lpips_weights) if args.lpips_weights else None
-        pipe = Pipeline.from_pretrained(args.base, args.model)
-        size = dict(steps=args.steps, height=args.height, width=args.width)
-        results = evaluate(pipe, _prompts(args), args.samples, distance, **size)
-    except (OSError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    text = json.dumps(results, indent=2) + "\n"
-    atomic_write(args.out, lambda tmp: tmp.write_text(text))
-    print("| setting | time per panorama (s) | intra-LPIPS |\n|---|---|---|")
-    for method, r in results.items():
-        print(f"| {method} | {r['time_s']:.2f} | {r['intra_lpips'] if r['intra_lpips'] is not None else '-'} |")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

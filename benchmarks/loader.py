@@ -4,7 +4,7 @@ Renders ``--num`` synthetic examples at ``--size``² into ``--data`` (kept and r
 holds shards, since rendering dominates), then times ``--batches`` batches of the training pipeline
 after one warm-up batch (which includes starting the workers). Prints one JSON line.
 
-    python benchmarks/input_pipeline.py --workers 2
+    python benchmarks/loader.py --workers 2
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import tempfile
 import time
 
 from jointnet_jax.data import records, synthetic
-from jointnet_jax.data.input_pipeline import InputPipeline
+from jointnet_jax.data.loader import Loader
 
 
 def _shards(folder: str, num: int, size: int) -> float:
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     render_s = _shards(args.data, args.num, args.size)
-    pipeline = InputPipeline(
+    pipeline = Loader(
         dict(
             paths=args.data,
             resolution=args.resolution,

@@ -1,4 +1,4 @@
-"""PyTorch checkpoints <-> NNX state, strictly, in both directions.
+"""PyTorch weight files (safetensors, weights-only .bin) <-> NNX state, strictly, in both directions.
 
 Parameter paths mirror the PyTorch state-dict keys (``down_blocks.0.attentions.1.proj_in`` ...), so the
 conversion is a layout rule per leaf name, not a table per layer:
@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from jointnet_jax.io_utils import atomic_write
+from jointnet_jax.models.layers import abstract_params
 
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
@@ -200,8 +201,6 @@ def to_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
 
 def abstract(build: Callable[[], nnx.Module]) -> nnx.Module:
     """Build a model on abstract shapes only (no parameter memory, no random init compute)."""
-    from jointnet_jax.models.layers import abstract_params
-
     with abstract_params():
         return build()
 

@@ -22,21 +22,13 @@ and ``report.md``; the targets are checked and reported as met or missed, never 
 from __future__ import annotations
 
 import copy
-import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
 
-from jointnet_jax.demo_config import default_config
-from jointnet_jax.io_utils import atomic_write, write_png_rgb
-
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Demo config file; default: demo_config.default_config().")
-flags.DEFINE_string("out", "runs/demo", "Output folder: the runs, their exports and report/.")
+from jointnet_jax.demo.report import write_report
+from jointnet_jax.io_utils import image_grid, write_png_rgb
 
 TARGETS = {
     "jointnet_rgb_max_rel_change": 0.02,  # JointNet RGB eval loss stays within 2% of the base throughout
@@ -68,8 +60,8 @@ TITLES = {
 
 
 def train_phase(config, phase: str, out, base=None):
-    """Train one phase into ``out/phase`` and return its ``Trainer`` (with ``eval_history`` and the wall
-    time in ``seconds``). Phases after ``base`` take the base trainer and reuse its data and eval set."""
+    """Train one phase into ``out/phase`` and return its ``Trainer`` (its ``eval_history`` holds the held-out
+    losses). Phases after ``base`` take the base trainer and reuse its data and eval set."""
     from jointnet_jax.training.trainer import Trainer
 
     data = None
@@ -77,10 +69,8 @@ def train_phase(config, phase: str, out, base=None):
         data = {"paths": base.data_config.paths, "eval_paths": base.eval_data_config.paths}
     c = phase_config(config, phase, base and str(base.workdir / "export"), data)
     print(f"\n== {TITLES[phase]}: {c.total_steps} steps, batch {c.batch_size}, lr {c.lr} ==", flush=True)
-    t0 = time.perf_counter()
     trainer = Trainer(c, Path(out) / phase)
     trainer.train()
-    trainer.seconds = time.perf_counter() - t0
     return trainer
 
 
@@ -105,7 +95,7 @@ def held_out_scenes(config, n: int):
 
 def depth_scores(pred_disparity, gt_depth) -> dict:
     """Per-scene affine-invariant metrics (paper §5.2) averaged, and the constant-depth baseline."""
-    from jointnet_jax.depth_metrics import constant_depth_metrics, depth_metrics
+    from jointnet_jax.evaluation.depth import constant_depth_metrics, depth_metrics
 
     ours = [depth_metrics(p, g) for p, g in zip(pred_disparity, gt_depth, strict=True)]
     const = [constant_depth_metrics(g) for g in gt_depth]
@@ -126,27 +116,24 @@ def gray(depth: np.ndarray) -> np.ndarray:
     return np.repeat(((depth - lo) / np.maximum(hi - lo, 1e-8))[..., None], 3, -1)
 
 
-def grid(columns: list[np.ndarray]) -> np.ndarray:
-    """Rows of images side by side: columns[k] is (B, H, W, 3)."""
-    return np.concatenate([np.concatenate(row, axis=1) for row in zip(*columns, strict=True)], axis=0)
-
-
 def run(config, out) -> dict:
     """The whole demo; returns the metrics written to ``out/report/metrics.json``."""
-    t_start = time.perf_counter()
-    base = train_phase(config, "base", out)
-    jointnet = train_phase(config, "jointnet", out, base)
-    direct_extend = train_phase(config, "direct_extend", out, base)
-    metrics = evaluate(config, out, base, jointnet, direct_extend)
+    t_start, timings, trainers = time.perf_counter(), {}, {}
+    for phase in ("base", "jointnet", "direct_extend"):
+        t0 = time.perf_counter()
+        trainers[phase] = train_phase(config, phase, out, trainers.get("base"))
+        timings[phase] = time.perf_counter() - t0
+    metrics = evaluate(config, out, trainers["base"], trainers["jointnet"], trainers["direct_extend"], timings)
     metrics["timings_s"]["total"] = time.perf_counter() - t_start
     write_report(metrics, Path(out) / "report")
     print(f"\nreport: {Path(out) / 'report' / 'report.md'}\nwall time: {metrics['timings_s']['total'] / 60:.1f} min")
     return metrics
 
 
-def evaluate(config, out, base, jointnet, direct_extend) -> dict:
+def evaluate(config, out, base, jointnet, direct_extend, timings: dict | None = None) -> dict:
     """Sampling and metrics on held-out scenes; writes the grids into ``out/report`` and returns the
-    metrics (eval-loss curves relative to the base, image -> depth scores, targets met or missed)."""
+    metrics (eval-loss curves relative to the base, image -> depth scores, targets met or missed).
+    ``timings``: the phases' wall times (seconds), reported next to the sampling time."""
     print("\n== sampling and evaluation on held-out scenes ==", flush=True)
     t0 = time.perf_counter()
     d = config.demo
@@ -160,9 +147,9 @@ def evaluate(config, out, base, jointnet, direct_extend) -> dict:
     de_rgb = direct_extend.pipeline().generate(captions, cfg=d.cfg, **size)["rgb"]
     report = Path(out) / "report"
     report.mkdir(parents=True, exist_ok=True)
-    write_png_rgb(report / "image_to_depth.png", grid([images, gray(pred), gray(1.0 / gt_depth)]))
-    write_png_rgb(report / "joint_generation.png", grid([joint["rgb"], gray(joint["depth"])]))
-    write_png_rgb(report / "rgb_base_jointnet_direct_extend.png", grid([base_rgb, joint["rgb"], de_rgb]))
+    write_png_rgb(report / "image_to_depth.png", image_grid([images, gray(pred), gray(1.0 / gt_depth)]))
+    write_png_rgb(report / "joint_generation.png", image_grid([joint["rgb"], gray(joint["depth"])]))
+    write_png_rgb(report / "rgb_base_jointnet_direct_extend.png", image_grid([base_rgb, joint["rgb"], de_rgb]))
 
     base_eval = base.eval_history[-1]["eval_loss_rgb"]
     jn_rel = _relative(jointnet.eval_history, base_eval)
@@ -179,8 +166,7 @@ def evaluate(config, out, base, jointnet, direct_extend) -> dict:
         > TARGETS["direct_extend_rgb_max_rel_rise"],
         "image_to_depth_absrel": checks["image_to_depth_absrel"] <= TARGETS["image_to_depth_absrel"],
     }
-    timings = {t: getattr(trainer, "seconds", 0.0) for t, trainer in (("base", base), ("jointnet", jointnet))}
-    timings.update(direct_extend=getattr(direct_extend, "seconds", 0.0), sampling=time.perf_counter() - t0)
+    timings = {**(timings or {}), "sampling": time.perf_counter() - t0}
     return {
         "base_eval_loss_rgb": base_eval,
         "base_eval_history": base.eval_history,
@@ -195,77 +181,3 @@ def evaluate(config, out, base, jointnet, direct_extend) -> dict:
         "timings_s": timings,
         "config": config.to_dict(),
     }
-
-
-def write_report(metrics: dict, report: Path) -> None:
-    """``metrics.json`` and ``report.md`` next to the grids (each written atomically)."""
-    for name, text in (("metrics.json", json.dumps(metrics, indent=2, default=str)), ("report.md", markdown(metrics))):
-        atomic_write(report / name, lambda tmp, text=text: tmp.write_text(text))
-
-
-def markdown(m: dict) -> str:
-    """The human summary of ``metrics.json``."""
-    ok = lambda key: "met" if m["met"][key] else "**missed**"  # noqa: E731
-    c, t, dep = m["checks"], m["targets"], m["image_to_depth"]
-    rows = "\n".join(
-        f"| {j['step']} | {j['eval_loss_rgb']:.4f} ({rj:+.2%}) | {e['eval_loss_rgb']:.4f} ({re:+.2%}) |"
-        for j, rj, e, re in zip(
-            m["jointnet_eval_history"],
-            m["jointnet_rgb_rel_change"],
-            m["direct_extend_eval_history"],
-            m["direct_extend_rgb_rel_change"],
-            strict=True,
-        )
-    )
-    times = ", ".join(f"{k} {v / 60:.1f} min" for k, v in m["timings_s"].items())
-    return f"""# JointNet CPU demo report
-
-Base model (stage 0) RGB eval loss on held-out scenes: **{m["base_eval_loss_rgb"]:.4f}**.
-
-## Output preservation: RGB eval loss during training (fixed noise and timesteps)
-
-| step | JointNet stage 1 | Direct Extend |
-|---:|---:|---:|
-{rows}
-
-| claim | measured | target | |
-|---|---:|---:|---|
-| JointNet RGB eval loss within 2% of the base throughout | max change {c["jointnet_rgb_max_rel_change"]:.2%} \
-(max rise {max(m["jointnet_rgb_rel_change"]):+.2%}) | \
-<= {t["jointnet_rgb_max_rel_change"]:.0%} | {ok("jointnet_rgb_max_rel_change")} |
-| Direct Extend RGB eval loss rises by more than 20% | max rise {c["direct_extend_rgb_max_rel_rise"]:+.2%} | \
-> {t["direct_extend_rgb_max_rel_rise"]:.0%} | {ok("direct_extend_rgb_max_rel_rise")} |
-| JointNet image -> depth AbsRel | {dep["absrel"]:.3f} (constant depth: {dep["constant_absrel"]:.3f}) | \
-<= {t["image_to_depth_absrel"]:.2f} | {ok("image_to_depth_absrel")} |
-
-Image -> depth on {m["config"]["demo"]["num_scenes"]} held-out scenes: AbsRel {dep["absrel"]:.3f}, RMSE (disparity) \
-{dep["rmse_disp"]:.3f}, delta1 {dep["delta1"]:.3f}; a constant-depth predictor: AbsRel {dep["constant_absrel"]:.3f}, \
-delta1 {dep["constant_delta1"]:.3f}.
-
-![image to depth](image_to_depth.png)
-
-`image_to_depth.png`: input | predicted depth | ground truth (near = bright), one held-out scene per row.
-`joint_generation.png`: RGB | depth generated jointly from the held-out captions.
-`rgb_base_jointnet_direct_extend.png`: the same captions and seeds through the base model | JointNet | Direct Extend.
-
-![joint generation](joint_generation.png) ![base, JointNet, Direct Extend](rgb_base_jointnet_direct_extend.png)
-
-Wall time: {times}.
-"""
-
-
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)  # progress bars and the report, not every checkpoint file
-    run(FLAGS.config or default_config(), FLAGS.out)
-
-
-def cli():
-    """The ``jointnet-demo`` console script. absl's ``--help`` shows the ``__main__`` module's docstring, which for a
-    console script is the generated wrapper's (none), so this module's is put there."""
-    sys.modules["__main__"].__doc__ = __doc__
-    app.run(main)
-
-
-if __name__ == "__main__":
-    cli()

@@ -1,4 +1,4 @@
-"""Grain input pipeline on tiny shards: sharding, determinism, resume, alignment, corrupt records, tokens."""
+"""The Grain data loader on tiny shards: sharding, determinism, resume, alignment, corrupt records, tokens."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from jointnet_jax.data import records, synthetic
-from jointnet_jax.data.input_pipeline import (
-    InputPipeline,
-    PipelineConfig,
+from jointnet_jax.data.loader import (
+    Loader,
+    LoaderConfig,
     TooManyCorruptRecordsError,
     make_global_batch,
 )
@@ -20,7 +20,7 @@ from jointnet_jax.data.input_pipeline import (
 
 def _pipeline(paths, process_index=0, process_count=1, **overrides):
     config = dict(paths=str(paths), resolution=16, batch_size=4, worker_count=0) | overrides
-    return InputPipeline(config, process_index=process_index, process_count=process_count)
+    return Loader(config, process_index=process_index, process_count=process_count)
 
 
 def _take(pipeline, count):
@@ -192,7 +192,7 @@ def test_too_many_corrupt_records_stop(tmp_path):
 def test_tokenized_captions(shards, tokenizer_folder):
     import transformers  # noqa: F401 - a required test dependency
 
-    from jointnet_jax.models.clip_text import load_tokenizer
+    from jointnet_jax.models.loading import load_tokenizer
 
     batch = next(_pipeline(shards, tokenizer=str(tokenizer_folder)))
     assert "caption" not in batch and batch["input_ids"].shape == (4, 77) and batch["input_ids"].dtype == np.int32
@@ -213,8 +213,8 @@ def test_make_global_batch(shards):
 
 def test_config_validation(shards):
     with pytest.raises(ValueError, match="modality"):
-        PipelineConfig(paths=str(shards), modality="segmentation")
+        LoaderConfig(paths=str(shards), modality="segmentation")
     with pytest.raises(ValueError, match="crop_scale"):
-        PipelineConfig(paths=str(shards), crop_scale=(0.0, 1.0))
+        LoaderConfig(paths=str(shards), crop_scale=(0.0, 1.0))
     with pytest.raises(ValueError, match="process_index"):
         _pipeline(shards, 2, 2)

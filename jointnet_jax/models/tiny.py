@@ -1,8 +1,8 @@
-"""A tiny random-weight Stable-Diffusion-shaped base folder, written in the standard diffusers layout.
+"""Tiny random-weight Stable-Diffusion-shaped base folders, written in the standard diffusers layout.
 
 It stands in for ``stabilityai/stable-diffusion-2-1-base`` where downloading it is impossible or pointless
 (CPU configs, tests, notebooks at tiny size): the same ``vae/ text_encoder/ tokenizer/ scheduler/ unet/``
-folders, read by the same loaders. ``python -m jointnet_jax.tiny_base --out DIR`` writes one.
+folders, read by the same loaders. ``python -m jointnet_jax.models.tiny --out DIR`` writes one.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from flax import nnx
 
-from jointnet_jax import weights
+from jointnet_jax.models import weights
 from jointnet_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from jointnet_jax.models.unet import UNet2DConditionModel, UNetConfig
 from jointnet_jax.models.vae import AutoencoderKL, VAEConfig
@@ -70,6 +70,8 @@ UNET_PIXEL = {
     "attention_head_dim": [4, 4],
     "norm_num_groups": 8,
 }
+# ``config.tiny_unet`` of the CPU training configs: overrides of ``UNET`` by name.
+UNETS = {"4level": {}, "2level": UNET_2LEVEL, "pixel": UNET_PIXEL}
 SCHEDULER = {  # stabilityai/stable-diffusion-2-1-base scheduler_config.json
     "_class_name": "DDIMScheduler",
     "beta_end": 0.012,
@@ -161,7 +163,7 @@ def ensure_tiny_base(out, *, seed: int = 0, unet: dict | None = None, vae: bool 
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m jointnet_jax.tiny_base", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m jointnet_jax.models.tiny", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
