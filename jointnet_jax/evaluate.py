@@ -63,10 +63,16 @@ from jointnet_jax.io_utils import write_json
 def _depth_parser(d: argparse.ArgumentParser) -> None:
     d.add_argument("--pred", required=True, help="predicted disparity in [0, 1]: 8/16-bit PNG or .npy per image")
     d.add_argument("--gt", required=True, help="GT depth per image (same stems): .npy or 16-bit PNG; 0 = no GT")
-    d.add_argument("--num-subsets", type=int, default=depth_eval.DEFAULT_NUM_SUBSETS, help="0 = one full fit")
-    d.add_argument("--subset-fraction", type=float, default=depth_eval.DEFAULT_SUBSET_FRACTION)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--min-disparity", type=float, help="clamp for aligned disparity (default: 1 / max GT depth)")
+    d.add_argument("--num-subsets", type=cli.COUNT, default=depth_eval.DEFAULT_NUM_SUBSETS, help="0 = one full fit")
+    d.add_argument(
+        "--subset-fraction", type=cli.number(low=0, high=1, above=True), default=depth_eval.DEFAULT_SUBSET_FRACTION
+    )
+    d.add_argument("--seed", type=cli.COUNT, default=0)
+    d.add_argument(
+        "--min-disparity",
+        type=cli.number(low=0, above=True),
+        help="clamp for aligned disparity (default: 1 / max GT depth)",
+    )
 
 
 def _images_parser(i: argparse.ArgumentParser) -> None:
@@ -75,12 +81,12 @@ def _images_parser(i: argparse.ArgumentParser) -> None:
     i.add_argument("--real", help="folder of reference images; enables FID")
     i.add_argument("--inception-weights", help="torch-fidelity Inception-v3 .pth; enables IS (and FID with --real)")
     i.add_argument("--fid-features", type=int, default=2048, choices=(64, 192, 768, 2048), help="Inception layer")
-    i.add_argument("--splits", type=int, default=10, help="IS splits")
+    i.add_argument("--splits", type=cli.POSITIVE_INT, default=10, help="IS splits")
     i.add_argument("--clip-model", help="local transformers CLIP folder; enables CLIP score (needs --prompts)")
     i.add_argument("--prompts", help="JSON object: generated image file name -> prompt")
-    i.add_argument("--batch-size", type=int, default=50)
+    i.add_argument("--batch-size", type=cli.POSITIVE_INT, default=50)
     i.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    i.add_argument("--seed", type=int, default=0, help="IS split assignment")
+    i.add_argument("--seed", type=cli.COUNT, default=0, help="IS split assignment")
 
 
 def _panorama_parser(p: argparse.ArgumentParser) -> None:
@@ -88,7 +94,7 @@ def _panorama_parser(p: argparse.ArgumentParser) -> None:
     cli.add_prompt_arguments(p, negative=False)
     cli.add_sampler_arguments(p)
     cli.add_size_arguments(p, "the native height and 4x the native width (2048x512 for SD2.1-base)")
-    p.add_argument("--samples", type=int, default=20, help="seeds per prompt (paper: 16 prompts x 20)")
+    p.add_argument("--samples", type=cli.POSITIVE_INT, default=20, help="seeds per prompt (paper: 16 prompts x 20)")
     p.add_argument("--lpips-weights", help="full lpips state dict; without it only times are measured")
 
 
@@ -192,7 +198,12 @@ COMMANDS = {"depth": run_depth, "images": run_images, "panorama": run_panorama}
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return cli.run(lambda: write_json(args.out, COMMANDS[args.command](args)))
+
+    def command():
+        cli.check_output_file(args.out)  # before the slow part: a bad --out is found now, not after it
+        write_json(args.out, COMMANDS[args.command](args))
+
+    return cli.run(command)
 
 
 if __name__ == "__main__":

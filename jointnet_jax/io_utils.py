@@ -8,6 +8,7 @@ the final name.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 _MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
@@ -61,8 +62,8 @@ def atomic_write(path, write: Callable[[Path], None]) -> None:
 
 
 def json_text(data) -> str:
-    """Strict JSON (non-finite numbers are refused: they are not JSON), indented, keys sorted."""
-    return json.dumps(data, indent=2, sort_keys=True, allow_nan=False, default=str) + "\n"
+    """Strict JSON (non-finite numbers are refused: they are not JSON), indented, keys in their given order."""
+    return json.dumps(data, indent=2, allow_nan=False, default=str) + "\n"
 
 
 def write_json(path, data) -> Path:
@@ -89,25 +90,36 @@ def image_grid(columns: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([np.concatenate(row, axis=1) for row in zip(*columns, strict=True)], axis=0)
 
 
-def load_image_array(path) -> np.ndarray:
-    """Pixels of an image file as stored (uint8, uint16, int32, float32 or bool), without rescaling.
+def decode_image(source, name=None) -> np.ndarray:
+    """Pixels of an image, a path or its encoded bytes, as stored: uint8, uint16 (16-bit PNG/TIFF), int32
+    (Pillow's mode "I"), float32 or bool, never rescaled. It is turned upright by its EXIF orientation (a
+    phone photo comes out as it is displayed); palette, CMYK and other colour modes become RGB, with a
+    palette's transparency dropped. The pixels are decoded here, so a truncated file fails now: ValueError
+    naming ``name`` (default: the path).
 
-    Raises FileNotFoundError for a missing file and ValueError naming the file for one Pillow cannot decode
-    (the pixels are decoded here, so a truncated file fails now rather than later).
+    This is the one image reader: the sampling inputs, the evaluation and the labelling job all use it, so a
+    16-bit image is read by its 16-bit range everywhere rather than clipped to 8 bits.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such image file: {path}")
+    name = name or (source if isinstance(source, (str, os.PathLike)) else "image")
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            img = ImageOps.exif_transpose(img)
             img.load()
             if img.mode in _MODES_16BIT:
                 return np.asarray(img).astype(np.uint16)
             if img.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):  # to real colours; alpha is never used
                 img = img.convert("RGB")
             return np.asarray(img)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read image {name}: {e}") from e
+
+
+def load_image_array(path) -> np.ndarray:
+    """:func:`decode_image` of a file; FileNotFoundError for a missing one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such image file: {path}")
+    return decode_image(path)
 
 
 def load_npy_map(path) -> np.ndarray:
@@ -149,21 +161,36 @@ def _checked_float(arr: np.ndarray, path) -> np.ndarray:
     return arr
 
 
-def read_image(path) -> np.ndarray:
-    """RGB image as float32 HWC in [0, 1]; grey is replicated to three channels, alpha is dropped."""
-    arr = load_image_array(path)
+def _rgb(arr: np.ndarray) -> np.ndarray:
+    """Three channels: grey is replicated, alpha is dropped."""
     if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=-1)
-    elif arr.shape[-1] == 2:  # grey + alpha
-        arr = np.repeat(arr[..., :1], 3, axis=-1)
-    return _unit_range(arr[..., :3], path)
+        return np.repeat(arr[..., None], 3, axis=-1)
+    if arr.shape[-1] == 2:  # grey + alpha
+        return np.repeat(arr[..., :1], 3, axis=-1)
+    return arr[..., :3]
+
+
+def read_image(path) -> np.ndarray:
+    """RGB image as float32 HWC in [0, 1] (8-bit / 255, 16-bit / 65535); grey is replicated to three channels,
+    alpha is dropped."""
+    return _unit_range(_rgb(load_image_array(path)), path)
+
+
+def decode_rgb8(data: bytes, name) -> np.ndarray:
+    """Encoded image bytes -> uint8 HWC RGB, upright; 16-bit images are scaled by their range (65535 -> 255),
+    not clipped. ValueError naming ``name`` when the bytes are not a readable image."""
+    arr = _rgb(decode_image(data, name))
+    if arr.dtype == np.uint8:
+        return arr
+    return np.round(_unit_range(arr, name) * 255.0).astype(np.uint8)
 
 
 def read_depth(path) -> np.ndarray:
     """Single-channel map as float32 HW in [0, 1].
 
-    PNG: 8-bit divided by 255, 16-bit by 65535, colour images use channel 0 (how 8-bit depth is often
-    saved). ``.npy``: a float array HW or HW1 that must already be finite and in [0, 1].
+    PNG: 8-bit divided by 255, 16-bit by 65535; a colour image is accepted when its channels are equal (how
+    8-bit depth is often saved) and refused otherwise. ``.npy``: a float array HW or HW1 that must already be
+    finite and in [0, 1].
     """
     path = Path(path)
     if path.suffix.lower() == ".npy":
@@ -173,6 +200,12 @@ def read_depth(path) -> np.ndarray:
         return _unit_range(arr, path)
     arr = load_image_array(path)
     if arr.ndim == 3:
+        colour = arr[..., :3] if arr.shape[-1] >= 3 else arr[..., :1]
+        if (colour != colour[..., :1]).any():
+            raise ValueError(
+                f"{path}: a depth map must have one channel (or equal RGB channels), but its channels differ; "
+                "save it as greyscale (8 or 16 bit) or as .npy"
+            )
         arr = arr[..., 0]
     return _unit_range(arr, path)
 

@@ -89,13 +89,18 @@ def _add_command(p: argparse.ArgumentParser, command: Command) -> None:
     cli.add_prompt_arguments(p)
     cli.add_sampler_arguments(p)
     cli.add_size_arguments(p, "the input's size, else the model's (512 for SD2.1-base)")
-    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    p.add_argument("--num-samples", type=cli.POSITIVE_INT, default=1, help="samples per prompt")
     p.add_argument("--init-noise", help=".npy initial latents (B, h, w, 8) NHWC, RGB channels first, unscaled N(0,1)")
     p.add_argument("--modality", choices=("depth", "normal"), default="depth")
     p.add_argument("--masked-conditioning", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--out", required=True)
     if command.presets != ("generate",):
-        p.add_argument("--strength", type=float, default=command.strength, help="SDEdit start point (1 = noise)")
+        p.add_argument(
+            "--strength",
+            type=cli.number(low=0, high=1, above=True),
+            default=command.strength,
+            help="SDEdit start point (1 = noise)",
+        )
     if len(command.presets) > 1:
         p.add_argument("--preset", choices=command.presets, default=command.presets[0], help="what to generate")
     for name in command.inputs:
@@ -110,14 +115,16 @@ def _tiling_args(p: argparse.ArgumentParser, mode: str):
 
     g = p.add_argument_group("tiling (sizes in latent pixels)")
     g.add_argument("--tiling", choices=MODES, default=mode, help=f"preset (default {mode}); none = non-tiled")
-    g.add_argument("--tile", type=int, help="tile side (default: the UNet's sample_size, 64 for SD2.1-base)")
-    g.add_argument("--stride", type=int, help="tile stride (ours: tile/2, multidiffusion: tile/8)")
-    g.add_argument("--tile-batch", type=int, help="tiles per model call (default 8)")
+    g.add_argument(
+        "--tile", type=cli.POSITIVE_INT, help="tile side (default: the UNet's sample_size, 64 for SD2.1-base)"
+    )
+    g.add_argument("--stride", type=cli.POSITIVE_INT, help="tile stride (ours: tile/2, multidiffusion: tile/8)")
+    g.add_argument("--tile-batch", type=cli.POSITIVE_INT, help="tiles per model call (default 8)")
     g.add_argument("--wrap", action="store_true", default=None, help="circular columns: 360° panorama")
     g.add_argument("--random-offset", action=argparse.BooleanOptionalAction, help="random grid offset per step")
-    g.add_argument("--ramp", type=int, help="linear weight decay width at tile borders (0 = constant)")
-    g.add_argument("--full-view-fraction", type=float, help="whole canvas as a view for this share of steps")
-    g.add_argument("--full-view-weight", type=float, help="the whole-canvas view's weight (default 5)")
+    g.add_argument("--ramp", type=cli.COUNT, help="linear weight decay width at tile borders (0 = constant)")
+    g.add_argument("--full-view-fraction", type=cli.FRACTION, help="whole canvas as a view for this share of steps")
+    g.add_argument("--full-view-weight", type=cli.NON_NEGATIVE, help="the whole-canvas view's weight (default 5)")
     g.add_argument(
         "--full-view-resize",
         action=argparse.BooleanOptionalAction,
@@ -130,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, command in COMMANDS.items():
         _add_command(sub.add_parser(name, help=command.help), command)
-    sub.choices["refine"].add_argument("--scale", type=float, default=2.0, help="output size / input size")
+    sub.choices["refine"].add_argument(
+        "--scale", type=cli.number(low=0, above=True), default=2.0, help="output size / input size"
+    )
     mesh.add_arguments(sub.add_parser("mesh", help="RGBD panorama -> GLB/PLY mesh"))
     return parser
 
@@ -179,6 +188,7 @@ def run_command(args) -> list[Path]:
 
     command = COMMANDS[args.command]
     args.preset = getattr(args, "preset", command.presets[0])
+    cli.check_output_folder(args.out)  # before anything slow: a bad --out is found now, not after sampling
     prompts, inputs, settings = cli.read_prompts(args), read_inputs(args), _settings(args)
     init_noise = _init_noise(args.init_noise)
     start = time.perf_counter()

@@ -54,6 +54,14 @@ def sync_processes(name: str, timeout_s: int = 3600) -> None:
     multihost.get_barrier_sync_fn()(key=f"jointnet_{name}_{_barrier_count}", timeout_ms=timeout_s * 1000)
 
 
+def broadcast_from_process0(value: np.ndarray) -> np.ndarray:
+    """Process 0's ``value`` on every process (a small array; a device collective, so call it right after a
+    :func:`sync_processes` barrier on CPU)."""
+    if jax.process_count() == 1:
+        return value
+    return np.asarray(multihost.broadcast_one_to_all(value))
+
+
 def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
     """A (data, fsdp) mesh over all global devices; -1 on one axis means "the rest"."""
     n = jax.device_count()

@@ -1,20 +1,26 @@
 """``python -m jointnet_jax.train --config configs/sd21_depth.py[:tiny] --workdir DIR [--config.key=value]``
 
 Runs (or resumes, from ``DIR/checkpoints``) a JointNet training stage and exports the result in the
-official layout to ``DIR/export``. Multi-host: one process per host; TPU pods and SLURM are detected
-automatically, otherwise pass ``--coordinator host:port --num_processes N --process_id i``.
+official layout to ``DIR/export``. Exit status: 0 when trained to the end, 143 when stopped by SIGTERM (after
+saving a checkpoint; rerun to resume), 1 with one sentence for a mistake (a busy workdir, a bad config).
+Multi-host: one process per host; TPU pods and SLURM are detected automatically, otherwise pass
+``--coordinator host:port --num_processes N --process_id i``.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
+from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jointnet_jax import cli as cli_plumbing
 from jointnet_jax import sharding
 
 FLAGS = flags.FLAGS
+STOPPED_EXIT = 128 + signal.SIGTERM  # the shell's status for a process ended by SIGTERM: 143
 config_flags.DEFINE_config_file("config", None, "Training config file (`file.py:arg` for variants).")
 flags.DEFINE_string("workdir", None, "Checkpoints, logs, samples and the export go here.")
 flags.DEFINE_string("coordinator", None, "host:port of process 0, for explicit multi-process runs.")
@@ -26,12 +32,20 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     del argv
     sharding.initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
-    from jointnet_jax.training.trainer import Trainer
+    import jax
+
+    cli_plumbing.tracebacks_to(Path(FLAGS.workdir) / "logs" / f"train.{jax.process_index()}.log")
+    from jointnet_jax.training.lock import WorkdirBusy
+    from jointnet_jax.training.trainer import DiskFull, Stopped, Trainer
 
     try:
         trainer = Trainer(FLAGS.config, FLAGS.workdir)
         history = trainer.train()
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:
+    except Stopped as e:  # preempted: not a success, whatever was saved
+        logging.warning("%s", e)
+        print(e, file=sys.stderr)
+        sys.exit(STOPPED_EXIT)
+    except (FileNotFoundError, ValueError, FloatingPointError, WorkdirBusy, DiskFull) as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

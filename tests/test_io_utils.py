@@ -31,12 +31,40 @@ def test_16bit_value_not_saturated(tmp_path):
 
 
 def test_8bit_and_colour_depth(tmp_path):
+    """8-bit grey by 255; an RGB depth PNG with equal channels is its grey, one with unequal channels is refused
+    (reading channel 0 of a colour image would silently be wrong)."""
     Image.fromarray(np.array([[0, 51, 255]], np.uint8)).save(tmp_path / "g.png")
     np.testing.assert_allclose(io_utils.read_depth(tmp_path / "g.png"), [[0, 0.2, 1]], atol=1e-7)
-    rgb = np.zeros((1, 2, 3), np.uint8)
-    rgb[..., 0], rgb[..., 1] = [102, 255], 7
-    Image.fromarray(rgb).save(tmp_path / "c.png")
+    grey = np.repeat(np.array([[[102], [255]]], np.uint8), 3, axis=-1)
+    Image.fromarray(grey).save(tmp_path / "c.png")
     np.testing.assert_allclose(io_utils.read_depth(tmp_path / "c.png"), [[0.4, 1.0]], atol=1e-7)
+    rgb = grey.copy()
+    rgb[..., 1] = 7
+    Image.fromarray(rgb).save(tmp_path / "colour.png")
+    with pytest.raises(ValueError, match=r"colour.png: a depth map must have one channel .* channels differ"):
+        io_utils.read_depth(tmp_path / "colour.png")
+
+
+def test_16bit_rgb_input_is_scaled_by_its_range(tmp_path):
+    """The one image reader: a 16-bit grey image is read by 65535 (and as 8 bits by the labelling job's
+    decoder), not clipped at 255."""
+    ramp = np.linspace(0, 65535, 11).round().astype(np.uint16)[None, :]
+    Image.fromarray(ramp).save(tmp_path / "r.png")
+    np.testing.assert_allclose(io_utils.read_image(tmp_path / "r.png")[..., 0], ramp / 65535, atol=1e-7)
+    rgb8 = io_utils.decode_rgb8((tmp_path / "r.png").read_bytes(), "r.png")
+    np.testing.assert_array_equal(rgb8[..., 1], np.round(ramp / 65535 * 255).astype(np.uint8))
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone photo stored landscape with EXIF orientation 6 (rotate 90 degrees clockwise) is read upright."""
+    pixels = np.zeros((2, 3, 3), np.uint8)
+    pixels[0, 0] = 255  # top-left red as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "phone.png", exif=exif)
+    upright = io_utils.read_image(tmp_path / "phone.png")
+    assert upright.shape == (3, 2, 3)
+    assert upright[0, 1, 0] == 1.0 and upright[..., 0].sum() == 1.0  # the stored top-left is now top-right
 
 
 def test_npy_depth(tmp_path):

@@ -81,9 +81,9 @@ def check_example(example: records.Example, image: np.ndarray | None = None) -> 
 def test_folder_input_counts_records_and_resume(tmp_path, model_dirs, capsys):
     root, out = tmp_path / "photos", tmp_path / "out"
     images = {
-        "a": save(root / "a.png", make_image(48, 40, 0)),
-        "sub/b": save(root / "sub" / "b.jpg", make_image(40, 56, 1)),
-        "sub/c": save(root / "sub" / "c.png", make_image(64, 64, 2)),
+        "a.png": save(root / "a.png", make_image(48, 40, 0)),
+        "sub/b.jpg": save(root / "sub" / "b.jpg", make_image(40, 56, 1)),
+        "sub/c.png": save(root / "sub" / "c.png", make_image(64, 64, 2)),
     }
     (root / "a.txt").write_text("a red cube\n")
     (root / "sub" / "c.txt").write_text("a sphere")
@@ -116,14 +116,14 @@ def test_folder_input_counts_records_and_resume(tmp_path, model_dirs, capsys):
     examples = {example.key: example for example in records.RecordReader(out)}
     assert sorted(examples) == sorted(images)
     assert {key: example.caption for key, example in examples.items()} == {
-        "a": "a red cube",
-        "sub/b": "",
-        "sub/c": "a sphere",
+        "a.png": "a red cube",
+        "sub/b.jpg": "",
+        "sub/c.png": "a sphere",
     }
     for key, example in examples.items():
         check_example(example, images[key])
         assert example.normal is None and example.watermark is None
-        assert os.path.splitext(os.path.relpath(example.source, root))[0] == key
+        assert os.path.relpath(example.source, root) == key
 
     mtimes = {path: os.stat(path).st_mtime_ns for path in shards}
     again = label.run(argv)
@@ -178,8 +178,8 @@ def test_list_input_metadata_filters(tmp_path, model_dirs, suffix):
     assert {key: counts[key] for key in expected} == expected
     assert counts["filtered_watermark"] == counts["filtered_aesthetic"] == counts["filtered_size"] == 1
     examples = {example.key: example for example in records.RecordReader(out)}
-    assert sorted(examples) == ["img/a", "img/b"]
-    first, second = examples["img/a"], examples["img/b"]
+    assert sorted(examples) == ["img/a.png", "img/b.png"]
+    first, second = examples["img/a.png"], examples["img/b.png"]
     assert (first.caption, second.caption) == ("kept with scores", "kept without scores (COYO's caption column)")
     assert (
         first.watermark == pytest.approx(0.1) and first.aesthetic == 6.0 and first.clip_similarity == pytest.approx(0.3)
@@ -284,3 +284,34 @@ def test_filter_rules():
     assert label.metadata({"watermark_score": "", "aesthetic_score_laion_v2": "5.5", "width": float("nan")}) == {
         "aesthetic": 5.5
     }
+
+
+def test_16bit_images_keep_their_range_and_keys_keep_the_extension(tmp_path, model_dirs):
+    """A 16-bit grey ramp (0..65535) is stored as the 8-bit ramp it is (65535 -> 255), not clipped to white;
+    ``good.png`` and ``good.jpg`` get distinct keys."""
+    root, out = tmp_path / "photos", tmp_path / "out"
+    ramp16 = np.tile(np.linspace(0, 65535, 64).round().astype(np.uint16), (48, 1))
+    root.mkdir()
+    Image.fromarray(ramp16).save(root / "ramp16.png")
+    assert Image.open(root / "ramp16.png").mode.startswith("I;16")
+    same = make_image(40, 40, 7)
+    Image.fromarray(same).save(root / "good.png")
+    Image.fromarray(same).save(root / "good.jpg", quality=95)
+    counts = label.run(["--input", str(root), "--input-format", "folder", *common_args(out, model_dirs[0])])
+    assert (counts["written"], counts["failed"]) == (3, 0)
+    examples = {example.key: example for example in records.RecordReader(out)}
+    assert sorted(examples) == ["good.jpg", "good.png", "ramp16.png"]
+    stored = examples["ramp16.png"].image
+    expected = np.round(ramp16.astype(np.float64) / 65535 * 255).astype(np.uint8)
+    np.testing.assert_array_equal(stored, np.repeat(expected[..., None], 3, axis=-1))
+    assert (stored == 255).mean() < 0.05 and stored.min() == 0
+
+
+def test_inputs_with_one_key_are_refused_before_any_work(tmp_path, model_dirs):
+    for name in ("a", "b"):
+        save(tmp_path / "img" / f"{name}.png", make_image(48, 48, 0))
+    list_path = tmp_path / "list.jsonl"
+    write_list(list_path, [{"path": "img/a.png", "key": "same"}, {"path": "img/b.png", "key": "same"}])
+    with pytest.raises(ValueError, match=r"img/a.png and .*img/b.png would both get the record key 'same'"):
+        label.run(["--input", str(list_path), "--input-format", "list", *common_args(tmp_path / "out", model_dirs[0])])
+    assert not (tmp_path / "out").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import string
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -187,6 +188,35 @@ def test_too_many_corrupt_records_stop(tmp_path):
     pipeline = _pipeline(_with_corrupt(tmp_path, good=10, bad=10), max_corrupt_fraction=0.01, corrupt_check_after=5)
     with pytest.raises(TooManyCorruptRecordsError, match=r"records read so far .* are corrupt, more than"):
         _take(pipeline, 5)
+
+
+def test_a_block_corrupted_shard_is_counted_and_skipped(tmp_path):
+    """2000 bytes overwritten among the records of a shard, across the Riegeli block header at 64 KiB (the
+    "block header hash mismatch" of a damaged disk or copy): the damaged records are counted as corrupt and
+    skipped, the others are read, and the eval pass says how many were lost."""
+    records.write_shards((synthetic.make_example(i, 32) for i in range(40)), tmp_path, "syn", num_shards=1)
+    (shard,) = records.list_shards(tmp_path)
+    data = bytearray(Path(shard).read_bytes())
+    start = (1 << 16) - 1000  # the records fill the first ~90 KiB; the record index sits in the last block
+    data[start : start + 2000] = np.random.default_rng(0).integers(0, 256, 2000, dtype=np.uint8).tobytes()
+    Path(shard).write_bytes(bytes(data))
+    evaluated = _pipeline(tmp_path, batch_size=8, training=False, max_corrupt_fraction=0.25, corrupt_check_after=8)
+    rows = np.concatenate([b["valid"] for b in evaluated])
+    assert 1 <= evaluated.num_corrupt <= 4 and evaluated.num_seen == 40
+    assert rows.sum() == 40 - evaluated.num_corrupt
+    training = _pipeline(tmp_path, batch_size=8, max_corrupt_fraction=0.25, corrupt_check_after=8)
+    assert all(b["valid"].all() for b in _take(training, 6))  # more than an epoch: damaged records skipped
+    strict = _pipeline(tmp_path, batch_size=8, training=False, max_corrupt_fraction=0.0, corrupt_check_after=8)
+    with pytest.raises(TooManyCorruptRecordsError):
+        list(strict)
+
+
+def test_a_shard_that_cannot_be_opened_is_named(tmp_path):
+    records.write_shards((synthetic.make_example(i, 32) for i in range(4)), tmp_path, "syn", num_shards=2)
+    first, second = records.list_shards(tmp_path)
+    Path(second).write_bytes(Path(second).read_bytes()[:-40])  # the footer (the record index) cut off
+    with pytest.raises(records.RecordError, match=rf"^record shard {second} cannot be opened: "):
+        records.RecordReader(tmp_path)
 
 
 def test_tokenized_captions(shards, tokenizer_folder):

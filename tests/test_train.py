@@ -24,8 +24,9 @@ import jointnet_jax as jj
 from configs import sd21_depth, sd21_depth_inpaint
 from jointnet_jax.data.loader import Loader
 from jointnet_jax.models.weights import state_tensors
+from jointnet_jax.training.lock import WorkdirBusy
 from jointnet_jax.training.objective import joint_loss
-from jointnet_jax.training.trainer import Trainer
+from jointnet_jax.training.trainer import DiskFull, Stopped, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -167,7 +168,8 @@ def test_resume_after_sigkill_reproduces_losses(stage1, tmp_path):
     for d in checkpoints.iterdir():
         if d.name.isdigit() and int(d.name) > 4:
             shutil.rmtree(d)
-    resumed = Trainer(c, tmp_path)
+    assert json.loads((tmp_path / "LOCK").read_text())["pid"] == proc.pid  # the killed run's lock is left over
+    resumed = Trainer(c, tmp_path)  # ... and taken over: its process is gone
     start = int(resumed.state.step)
     assert start == 4 < STEPS
     tail = resumed.train()
@@ -198,8 +200,10 @@ def test_sigterm_saves_a_checkpoint_and_stops_and_samples_are_written(tmp_path):
             return data.get_state()
 
     trainer.data = TermAfter()
-    history = trainer.train()
-    assert len(history) == 3
+    with pytest.raises(Stopped, match=r"stopped by SIGTERM at step 3 of 50; its checkpoint is saved in") as stopped:
+        trainer.train()  # raised, so that a caller (the CLI, the demo's next phase) stops too
+    history = stopped.value.history
+    assert len(history) == 3 and not (tmp_path / "LOCK").exists()  # the workdir lock is released
     assert trainer.manager.all_steps() == [3]
     # sample_every=2: a fixed-prompt grid (one row per prompt: RGB | depth) was written at step 2.
     from jointnet_jax.io_utils import read_image
@@ -221,6 +225,9 @@ def test_init_from_official_checkpoint_stage3(official, tmp_path):
     added = start.keys() - fixture.keys()  # the masked-latent conv of each branch, weight and bias, at zero
     assert added == {f"{b}.jointnet_masked_latent_conv.{p}" for b in ("unet", "jointnet") for p in ("weight", "bias")}
     assert not any(start[k].any() for k in added)
+    # The Trainer holds the workdir: a second one on it is refused (before it builds anything).
+    with pytest.raises(WorkdirBusy, match=rf"workdir {tmp_path} is in use by process {os.getpid()} on host"):
+        Trainer(c, tmp_path)
 
 
 def test_stage3_from_an_official_layout_export_trains_the_masked_conv(stage1, tmp_path):
@@ -443,3 +450,38 @@ def test_stage1_bf16_remat_accumulation_runs(stage1, tmp_path):
     assert not [e for e in _equations(jaxpr) if e.primitive.name in REMAT_PRIMITIVES]
     convs, dots = _operand_dtypes(jaxpr, "conv_general_dilated"), _operand_dtypes(jaxpr, "dot_general")
     assert len(convs) and set(convs) == {("float32", "float32")} and set(dots) == {("float32", "float32")}
+
+
+def test_resume_skips_a_damaged_latest_checkpoint(stage1, tmp_path, caplog):
+    """A truncated file in the latest checkpoint (6): resume warns once naming it, moves it aside (nothing is
+    deleted), continues from 4 with 4's parameters, and trains to 6 again."""
+    trainer = stage1[0]
+    workdir = tmp_path / "run"
+    shutil.copytree(trainer.workdir, workdir, ignore=shutil.ignore_patterns("export"))
+    state_files = sorted(p for p in (workdir / "checkpoints" / "6" / "state").rglob("*") if p.is_file())
+    largest = max(state_files, key=lambda p: p.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+    with caplog.at_level("WARNING"):
+        resumed = Trainer(_config(), workdir)
+    assert int(resumed.state.step) == 4
+    warnings = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    assert len(warnings) == 1 and str(workdir / "checkpoints" / "6") in warnings[0]
+    assert (workdir / "checkpoints_damaged" / "6" / "state").is_dir()
+    assert resumed.manager.all_steps() == [2, 4]
+    history = resumed.train()  # state and data position of step 4: the uninterrupted run's last two losses
+    assert [h["step"] for h in history] == [5, 6] and resumed.manager.all_steps()[-1] == 6
+    expected = {h["step"]: h["loss"] for h in stage1[3]}
+    np.testing.assert_allclose([h["loss"] for h in history], [expected[5], expected[6]], rtol=1e-5)
+
+
+def test_a_full_disk_is_one_sentence_naming_what_was_kept(tmp_path):
+    """A real ENOSPC from the OS (``metrics.jsonl`` is ``/dev/full``) at the first logged step: one DiskFull
+    sentence saying which checkpoints are kept, the cleanup's own failure does not replace it, and the lock
+    is released."""
+    (tmp_path / "tensorboard").mkdir()
+    os.symlink("/dev/full", tmp_path / "tensorboard" / "metrics.jsonl")
+    trainer = Trainer(_config(log_every=2), tmp_path)
+    pattern = rf"^no space left on the device of {tmp_path} at step 2; the checkpoints kept are \[\] in "
+    with pytest.raises(DiskFull, match=pattern):
+        trainer.train()
+    assert not (tmp_path / "LOCK").exists()

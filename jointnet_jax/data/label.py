@@ -11,15 +11,20 @@ command runs on the DirectRunner (default) or Dataflow/Flink/Spark. Workers need
 
 Inputs (``--input``: paths or globs; ``--input-format``):
 
-* ``folder``: every image (jpg/jpeg/png/webp/bmp) under the folders, recursively in sorted order; the caption
-  is the sidecar ``name.txt`` next to ``name.jpg`` (empty when absent). There are no scores.
+* ``folder``: every image (jpg/jpeg/png/webp/bmp/tif) under the folders, recursively in sorted order; the
+  caption is the sidecar ``name.txt`` next to ``name.jpg`` (empty when absent). There are no scores.
 * ``list``: ``.jsonl`` / ``.csv`` / ``.parquet`` files, one row per image: ``path`` (relative to the list
-  file), optional ``key`` and ``caption`` (or COYO's ``text``), and COYO-style metadata ``width``, ``height``,
-  ``watermark_score``, ``aesthetic_score`` (or ``aesthetic_score_laion_v2``), ``clip_similarity`` (or
-  ``clip_similarity_vitl14`` / ``_vitb32``).
+  file), optional ``key`` (default: the ``path`` value) and ``caption`` (or COYO's ``text``), and COYO-style
+  metadata ``width``, ``height``, ``watermark_score``, ``aesthetic_score`` (or ``aesthetic_score_laion_v2``),
+  ``clip_similarity`` (or ``clip_similarity_vitl14`` / ``_vitb32``).
 * ``wds``: webdataset tars (or folders of ``*.tar``): members ``key.jpg``/``png``/``webp`` + ``key.txt``
   (caption) and/or ``key.json`` (caption and metadata as for lists). Each tar becomes one output shard, so
   ``--examples-per-shard`` does not apply; a tar that breaks off counts one failure and keeps what was read.
+
+Record keys: ``folder``, the path under the folder with its extension (``sub/cat.jpg``; with several folders,
+under their common parent); ``list``, the row's ``key``, else its ``path``; ``wds``, ``<tar name>/<sample
+key>``. Two inputs with one key are refused before any work. Images are read by ``io_utils.decode_image``
+(upright by EXIF; 16-bit images scaled by their range, 65535 -> 255, never clipped).
 
 Filters (defaults from the paper's COYO recipe): shorter side >= ``--min-side`` (512; the decoded size is
 checked too, metadata may lie), watermark score < ``--max-watermark`` (0.5), aesthetic score >
@@ -46,7 +51,6 @@ import collections
 import csv
 import dataclasses
 import glob
-import io
 import itertools
 import json
 import logging
@@ -65,13 +69,14 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
-from PIL import Image, ImageOps
+from PIL import Image
 
 from jointnet_jax.data import records
+from jointnet_jax.io_utils import decode_rgb8
 
 NAMESPACE = "label"
 REPORTED = ("read", "filtered", "failed", "written")
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 LIST_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 # Metadata field -> accepted column names, first present wins (COYO-700M spells some differently).
 METADATA_COLUMNS = {
@@ -207,17 +212,27 @@ def _expand(patterns: Iterable[str]) -> list[str]:
 
 
 def list_folder(roots: Iterable[str]) -> list[Source]:
-    """Every image under ``roots`` in sorted order (stable shards across reruns), keyed by relative path."""
-    sources = []
+    """Every image under ``roots`` in sorted order (stable shards across reruns). The key is the file's path
+    relative to the root, extension included (``sub/cat.jpg``), so ``cat.png`` and ``cat.jpg`` differ; with
+    several roots it is relative to their common parent (``a/cat.jpg``, ``b/cat.jpg``). A file reached
+    through two roots is listed once."""
+    roots = list(roots)
     for root in roots:
         if not os.path.isdir(root):
             raise NotADirectoryError(f"--input-format folder needs folders, got {root!r}.")
+    base = roots[0] if len(roots) == 1 else os.path.commonpath([os.path.abspath(r) for r in roots])
+    sources, seen = [], set()
+    for root in roots:
         for folder, subfolders, names in os.walk(root):
             subfolders.sort()
             for name in sorted(names):
-                if not name.startswith(".") and name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS:
-                    path = os.path.join(folder, name)
-                    sources.append(Source(path, os.path.splitext(os.path.relpath(path, root))[0]))
+                path = os.path.join(folder, name)
+                if name.startswith(".") or name.rsplit(".", 1)[-1].lower() not in IMAGE_EXTENSIONS:
+                    continue
+                if os.path.realpath(path) not in seen:
+                    seen.add(os.path.realpath(path))
+                    key = os.path.relpath(path if len(roots) == 1 else os.path.abspath(path), base)
+                    sources.append(Source(path, key.replace(os.sep, "/")))
     return sources
 
 
@@ -245,7 +260,7 @@ def list_rows(paths: Iterable[str]) -> list[Source]:
             if not row.get("path"):
                 raise ValueError(f"{list_path} row {number} has no 'path'.")
             path = os.path.join(base, os.path.expanduser(str(row["path"])))
-            key = str(row.get("key") or os.path.splitext(str(row["path"]))[0])
+            key = str(row.get("key") or row["path"])  # the listed path, extension included, by default
             sources.append(Source(path, key, _caption(row), metadata(row)))
     return sources
 
@@ -257,6 +272,18 @@ def list_tars(paths: Iterable[str]) -> list[str]:
     return tars
 
 
+def _check_unique_keys(sources: list[Source]) -> None:
+    """Record keys name examples (and their source) downstream: two inputs must never share one."""
+    first: dict[str, str] = {}
+    for source in sources:
+        if source.key in first:
+            raise ValueError(
+                f"inputs {first[source.key]} and {source.path} would both get the record key {source.key!r}; "
+                "give them distinct 'key' values."
+            )
+        first[source.key] = source.path
+
+
 def plan_work_items(inputs: list[str], input_format: str, out: str, prefix: str, examples_per_shard: int):
     """Split the inputs into shard-sized work items with their final shard paths (deterministic order)."""
     paths = _expand(inputs)
@@ -264,6 +291,7 @@ def plan_work_items(inputs: list[str], input_format: str, out: str, prefix: str,
         groups = [{"tar": tar} for tar in list_tars(paths)]
     else:
         sources = list_folder(paths) if input_format == "folder" else list_rows(paths)
+        _check_unique_keys(sources)
         groups = [
             {"sources": sources[start : start + examples_per_shard]}
             for start in range(0, len(sources), examples_per_shard)
@@ -344,12 +372,6 @@ def _candidates(item: WorkItem) -> Iterator[tuple[Source, Callable[[], bytes]]]:
         yield from ((source, _read_file(source.path)) for source in item.sources)
 
 
-def decode_rgb(data: bytes) -> np.ndarray:
-    """Encoded image -> uint8 HxWx3 RGB, upright per EXIF; raises one of ``DECODE_ERRORS`` when corrupt."""
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
-
-
 def _sidecar_caption(path: str) -> str:
     sidecar = os.path.splitext(path)[0] + ".txt"
     if not os.path.exists(sidecar):
@@ -365,7 +387,7 @@ def iter_samples(item: WorkItem, rules: FilterRules, count: Count) -> Iterator[S
         reason = rules.reject_metadata(source.meta)
         if reason is None:
             try:
-                image = decode_rgb(read())
+                image = decode_rgb8(read(), source.path)
                 caption = _sidecar_caption(source.path) if source.caption is None else source.caption
             except DECODE_ERRORS as error:
                 log.warning("skipping unreadable input %s: %s", source.path, error)

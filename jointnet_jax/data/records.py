@@ -419,6 +419,10 @@ def _expand(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]
     return expanded
 
 
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
 class RecordReader:
     """Random-access reader over record shards; a grain ``RandomAccessDataSource``.
 
@@ -430,7 +434,27 @@ class RecordReader:
     def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], decode: bool = True):
         self.paths = _expand(paths)
         self.decode = decode
-        self._source = array_record_data_source.ArrayRecordDataSource(self.paths)
+        try:
+            self._source = array_record_data_source.ArrayRecordDataSource(self.paths)
+        except (RuntimeError, OSError, ValueError) as error:
+            raise RecordError(f"{self._unreadable_shard()} cannot be opened: {_first_line(error)}") from None
+
+    def _unreadable_shard(self) -> str:
+        """The first shard that does not open on its own (its index or footer is damaged)."""
+        for path in self.paths:
+            try:
+                array_record_data_source.ArrayRecordDataSource([path])
+            except (RuntimeError, OSError, ValueError):
+                return f"record shard {path}"
+        return f"one of the record shards {self.paths}"
+
+    def _read(self, index: int) -> bytes:
+        """One record's bytes; a damaged chunk (block-level corruption: a hash mismatch) is a RecordError, which
+        the data loader counts and skips like an undecodable record."""
+        try:
+            return self._source[index % len(self)]
+        except RuntimeError as error:
+            raise RecordError(f"record {index} lies in a damaged chunk: {_first_line(error)}") from None
 
     def __len__(self) -> int:
         return len(self._source)
@@ -438,11 +462,14 @@ class RecordReader:
     def __getitem__(self, index: int) -> Example | bytes:
         if not -len(self) <= index < len(self):
             raise IndexError(f"record index {index} out of range for {len(self)} records.")
-        record = self._source[index % len(self)]
+        record = self._read(index)
         return decode_example(record) if self.decode else record
 
     def __getitems__(self, indices: Sequence[int]) -> list[Example | bytes]:
-        records = self._source.__getitems__(list(indices))
+        try:
+            records = self._source.__getitems__(list(indices))
+        except RuntimeError:  # a damaged chunk among them: read one by one, so the error names the record
+            records = [self._read(i) for i in indices]
         return [decode_example(r) for r in records] if self.decode else list(records)
 
     def __iter__(self):

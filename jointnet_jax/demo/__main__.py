@@ -9,6 +9,7 @@ baseline with the same budget, samples and evaluates on held-out scenes, and wri
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -25,7 +26,17 @@ flags.DEFINE_string("out", "runs/demo", "Output folder: the runs, their exports 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # progress bars and the report, not every checkpoint file
-    run(FLAGS.config or default_config(), FLAGS.out)
+    from jointnet_jax.training.lock import WorkdirBusy
+    from jointnet_jax.training.trainer import Stopped
+
+    try:
+        run(FLAGS.config or default_config(), FLAGS.out)
+    except Stopped as e:  # a stopped phase stops the demo; rerunning resumes that phase
+        print(e, file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
+    except (FileNotFoundError, ValueError, FloatingPointError, WorkdirBusy) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def cli():

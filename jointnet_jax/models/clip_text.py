@@ -7,6 +7,7 @@ Only ``last_hidden_state`` is computed: the SD pipelines condition on it, not on
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import jax
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jointnet_jax.models.config_check import check_fields
 from jointnet_jax.models.layers import embed, layer_norm, linear
 
 _ACTIVATIONS = {
@@ -46,6 +48,8 @@ class CLIPTextConfig:
                 "expected 'clip_text_model' (a CLIPTextModel config)"
             )
         c = cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        sizes = tuple(f.name for f in dataclasses.fields(cls) if type(f.default) is int)
+        check_fields("text encoder", c, positive=sizes)
         if c.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"text encoder config sets hidden_act={c.hidden_act!r}; supported: {sorted(_ACTIVATIONS)}")
         if c.hidden_size % c.num_attention_heads:

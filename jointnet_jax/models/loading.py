@@ -25,6 +25,15 @@ _LEGACY_ATTENTION = re.compile(r"(\.attentions\.\d+)\.(query|key|value|proj_attn
 _LEGACY_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
+def _config(kind, folder, raw: dict | None = None):
+    """``kind.from_dict`` of ``folder/config.json``, its errors naming the file."""
+    raw = weights.read_config(folder) if raw is None else raw
+    try:
+        return kind.from_dict(raw)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{folder / 'config.json'}: {e}") from None
+
+
 def load_unet(
     path, subfolder=None, *, dtype=jnp.float32, variant=None, param_dtype=None, sharding=None
 ) -> UNet2DConditionModel:
@@ -33,7 +42,7 @@ def load_unet(
     half-precision files; parameters are float32 unless ``param_dtype`` says otherwise. Exchange layers of an
     official JointNet branch folder are not part of a plain UNet and are ignored."""
     path = hub.resolve(path, subfolder, what="UNet folder")
-    config = UNetConfig.from_dict(weights.read_config(path))
+    config = _config(UNetConfig, path)
     model = weights.abstract(lambda: UNet2DConditionModel(config, dtype=dtype, rngs=nnx.Rngs(0)))
     return weights.load_folder(
         model,
@@ -71,7 +80,7 @@ def load_jointnet(path, *, dtype=jnp.float32, variant=None, param_dtype=None, sh
             "true in both config.json files to use them.",
             stacklevel=2,
         )
-    rgb, dense = (UNetConfig.from_dict(configs[n]) for n in BRANCHES)
+    rgb, dense = (_config(UNetConfig, path / n, configs[n]) for n in BRANCHES)
     model = weights.abstract(
         lambda: JointNet(
             rgb,
@@ -109,7 +118,7 @@ def load_vae(
     path = hub.resolve(path, subfolder, what="VAE folder")
     if not path.is_dir():
         raise FileNotFoundError(f"VAE folder {path} does not exist")
-    config = VAEConfig.from_dict(weights.read_config(path))
+    config = _config(VAEConfig, path)
     model = weights.abstract(lambda: AutoencoderKL(config, dtype=dtype, rngs=nnx.Rngs(0)))
     return weights.load_folder(
         model, path, variant=variant, rename=_rename_legacy_attention, sharding=sharding, param_dtype=param_dtype
@@ -124,7 +133,7 @@ def load_text_encoder(
     path = hub.resolve(path, subfolder, what="text encoder folder")
     if not path.is_dir():
         raise FileNotFoundError(f"text encoder folder {path} does not exist")
-    config = CLIPTextConfig.from_dict(weights.read_config(path))
+    config = _config(CLIPTextConfig, path)
     model = weights.abstract(lambda: CLIPTextModel(config, dtype=dtype, rngs=nnx.Rngs(0)))
     return weights.load_folder(
         model,
@@ -147,3 +156,25 @@ def load_tokenizer(path, subfolder=None):
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer folder {path} does not exist")
     return CLIPTokenizer.from_pretrained(str(path))
+
+
+def check_compatible(model, vae, text_encoder, *, model_name, base) -> None:
+    """A model and a base must agree on the text width (every branch's ``cross_attention_dim`` against the
+    text encoder's ``hidden_size``) and on the RGB latent channels (the VAE's ``latent_channels``, or 3 for a
+    pixel-space base without vae/). Checked at load time, so a mismatch is one sentence naming both folders
+    rather than a shape error in the first forward pass."""
+    width = text_encoder.config.hidden_size
+    branches = [b for b in (getattr(model, "unet", model), getattr(model, "jointnet", None)) if b is not None]
+    for branch in branches:
+        if branch.config.cross_attention_dim != width:
+            raise ValueError(
+                f"model {model_name} expects text embeddings of width {branch.config.cross_attention_dim}, but "
+                f"the text encoder of base {base} gives {width}; use the base the model was trained with"
+            )
+    latent = 3 if vae is None else vae.config.latent_channels
+    source = f"the VAE of base {base}" if vae is not None else f"base {base} (pixel space: no vae/)"
+    if model.channels[0] != latent:
+        raise ValueError(
+            f"model {model_name} takes {model.channels[0]} RGB channels, but {source} gives {latent}; use the "
+            "base the model was trained with"
+        )

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jointnet_jax.models.config_check import check_fields, check_raw_lists
 from jointnet_jax.models.embeddings import TimestepEmbedding, timestep_features
 from jointnet_jax.models.layers import conv, group_norm
 from jointnet_jax.models.unet_blocks import BlockOptions, DownBlock, MidBlock, UpBlock
@@ -46,6 +47,10 @@ _UNSUPPORTED_UNLESS = {
     "encoder_hid_dim_type": None,
 }
 _DOWN = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
+_POSITIVE = (
+    *("in_channels", "out_channels", "block_out_channels", "layers_per_block", "heads", "transformer_layers"),
+    *("cross_attention_dim", "norm_num_groups", "conv_in_kernel", "conv_out_kernel", "sample_size"),
+)
 _UP = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
 
 
@@ -90,6 +95,7 @@ class UNetConfig:
         for key, default in _UNSUPPORTED_UNLESS.items():
             if key in d and d[key] != default:
                 raise ValueError(f"UNet config sets {key}={d[key]!r}; only {default!r} is supported by this port")
+        check_raw_lists("UNet", d, ("down_block_types", "up_block_types", "block_out_channels"))
         down = tuple(d.get("down_block_types", cls.down_block_types))
         up = tuple(d.get("up_block_types", cls.up_block_types))
         for t in down:
@@ -105,7 +111,7 @@ class UNetConfig:
         heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
         if isinstance(d.get("cross_attention_dim"), list | tuple):
             raise ValueError("per-block cross_attention_dim lists are not supported by this port")
-        return cls(
+        config = cls(
             in_channels=d.get("in_channels", 4),
             out_channels=d.get("out_channels", 4),
             down_block_types=down,
@@ -130,6 +136,20 @@ class UNetConfig:
             sample_size=d.get("sample_size"),
             raw=dict(d),
         )
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Types, positive sizes, one channel count per block, channels divisible by the norm groups."""
+        check_fields("UNet", self, positive=_POSITIVE)
+        if len(self.block_out_channels) != len(self.down_block_types):
+            raise ValueError(
+                f"UNet config has {len(self.block_out_channels)} block_out_channels for "
+                f"{len(self.down_block_types)} down blocks"
+            )
+        odd = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if odd:
+            raise ValueError(f"UNet config block_out_channels {odd} are not divisible by norm_num_groups")
 
     def to_dict(self) -> dict:
         """The config as a diffusers config.json dict (the original keys, updated channel counts)."""

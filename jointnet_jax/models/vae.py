@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jointnet_jax.models.attention import Attention
+from jointnet_jax.models.config_check import check_fields, check_raw_lists
 from jointnet_jax.models.layers import conv, group_norm
 from jointnet_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
@@ -49,6 +50,7 @@ class VAEConfig:
         for key, default in _UNSUPPORTED_UNLESS.items():
             if d.get(key, default) != default:
                 raise ValueError(f"VAE config sets {key}={d[key]!r}; only {default!r} is supported by this port")
+        check_raw_lists("VAE", d, ("down_block_types", "up_block_types", "block_out_channels"))
         channels = tuple(d.get("block_out_channels", cls.block_out_channels))
         for key, kind in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
             types = tuple(d.get(key, (kind,) * len(channels)))
@@ -58,7 +60,7 @@ class VAEConfig:
                 raise ValueError(f"VAE config {key} has {len(types)} entries for {len(channels)} block_out_channels")
         if not isinstance(d.get("layers_per_block", 1), int):
             raise ValueError("VAE config layers_per_block must be a single integer")
-        return cls(
+        config = cls(
             in_channels=d.get("in_channels", 3),
             out_channels=d.get("out_channels", 3),
             block_out_channels=channels,
@@ -71,6 +73,12 @@ class VAEConfig:
             mid_block_add_attention=d.get("mid_block_add_attention", True),
             force_upcast=d.get("force_upcast", True),
         )
+        sizes = ("in_channels", "out_channels", "block_out_channels", "latent_channels", "norm_num_groups")
+        check_fields("VAE", config, positive=(*sizes, "layers_per_block"))
+        odd = [c for c in config.block_out_channels if c % config.norm_num_groups]
+        if odd:
+            raise ValueError(f"VAE config block_out_channels {odd} are not divisible by norm_num_groups")
+        return config
 
 
 @jax.tree_util.register_dataclass

@@ -161,9 +161,12 @@ def read_config(folder: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (expected a diffusers/transformers model folder)")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object, not {type(config).__name__}")
+    return config
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from jointnet_jax.models import hub
 from jointnet_jax.models.clip_text import tokenize
 from jointnet_jax.models.functional import compiled
 from jointnet_jax.models.jointnet import JointNet
-from jointnet_jax.models.loading import load_jointnet, load_text_encoder, load_tokenizer, load_vae
+from jointnet_jax.models.loading import check_compatible, load_jointnet, load_text_encoder, load_tokenizer, load_vae
 from jointnet_jax.models.pixel_space import branch_codecs
 from jointnet_jax.pipelines import loop
 from jointnet_jax.pipelines.tasks import Task, get_task, latent_mask
@@ -93,10 +93,14 @@ class Pipeline:
         if not base.is_dir():
             raise FileNotFoundError(f"base model folder {base} does not exist")
         jn = load_jointnet(model, dtype=dtype, variant=variant) if isinstance(model, str | Path) else model
+        vae = load_vae(base / "vae", dtype=dtype, variant=variant) if (base / "vae").exists() else None
+        text_encoder = load_text_encoder(base / "text_encoder", dtype=dtype, variant=variant)
+        name = model if isinstance(model, str | Path) else type(model).__name__
+        check_compatible(jn, vae, text_encoder, model_name=name, base=base)
         return cls(
             jn,
-            load_vae(base / "vae", dtype=dtype, variant=variant) if (base / "vae").exists() else None,
-            load_text_encoder(base / "text_encoder", dtype=dtype, variant=variant),
+            vae,
+            text_encoder,
             load_tokenizer(base / "tokenizer"),
             load_schedule(base / "scheduler"),
             modality=modality,

@@ -11,6 +11,9 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+
+from jointnet_jax import sharding as sh
 
 # Orbax splits the device-to-host copy of a replicated array across its replicas. Per array that costs a
 # round of slicing and transfers, which for the hundreds of small arrays of a training state (biases, norms,
@@ -43,7 +46,11 @@ class _FrozenIteratorState:
 def make_manager(workdir, *, keep: int, async_save: bool) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         Path(workdir).resolve() / "checkpoints",
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save),
+        # cleanup_tmp_directories: an unfinished save (a kill or a full disk) leaves a *.orbax-checkpoint-tmp
+        # folder behind; it is removed when the next run starts.
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, cleanup_tmp_directories=True
+        ),
         item_handlers={
             "state": ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers()),
             "data": grain.checkpoint.CheckpointHandler(),
@@ -76,3 +83,60 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter
         ),
     )
     return restored["state"]
+
+
+def _leaf_shapes(tree) -> list[tuple]:
+    """The (shape, dtype) of every array of a tree, sorted: the same for the same model and optimizer, however
+    orbax names the paths of namedtuples and dataclasses in its metadata."""
+    return sorted((tuple(x.shape), str(np.dtype(x.dtype))) for x in jax.tree.leaves(tree))
+
+
+def restore_newest_good(manager: ocp.CheckpointManager, abstract_state, data_iterator, damaged: Path):
+    """Restore the newest checkpoint that can be read; ``(step, state)``, or None when there is none.
+
+    Each candidate is verified by orbax's metadata and a full read. One that fails (a truncated or missing
+    file, say) is moved to ``damaged/<step>`` with one warning naming it, never deleted, and the next older
+    one is tried. A checkpoint whose arrays are not those of ``abstract_state`` (another model or optimizer:
+    the config changed) is an error, not damage: nothing is moved.
+    """
+    expected, moved = _leaf_shapes(abstract_state), []
+    for step in sorted(manager.all_steps(), reverse=True):
+        path = Path(manager.directory) / str(step)
+        try:
+            stored = _leaf_shapes(manager.item_metadata(step)["state"].tree)
+        except Exception as e:  # noqa: BLE001 - unreadable metadata is damage, whatever raised it
+            stored, error = None, e
+        if stored is not None and stored != expected:
+            raise ValueError(
+                f"checkpoint {path} holds a different training state ({len(stored)} arrays) than this config "
+                f"builds ({len(expected)}); resume with the config it was written with, or use a new workdir"
+            )
+        if stored is not None:
+            try:
+                return step, restore(manager, step, abstract_state, data_iterator)
+            except Exception as e:  # noqa: BLE001 - a failed read of a matching checkpoint is damage
+                error = e
+        moved.append(_set_aside(manager, path, damaged / str(step)))
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        logging.warning(
+            "checkpoint %s is damaged (%s); moved it to %s, trying the one before", path, first_line, moved[-1]
+        )
+    if moved:  # the data iterator may hold a half-restored position: never start over silently
+        raise ValueError(
+            f"no checkpoint in {manager.directory} could be read; the damaged ones are in {damaged}. Rerun to "
+            "start this workdir from step 0, or move them back once repaired"
+        )
+    return None
+
+
+def _set_aside(manager: ocp.CheckpointManager, path: Path, to: Path) -> Path:
+    """Process 0 moves a damaged checkpoint out of orbax's way (a rerun would write the same step again);
+    every process then rereads the list of steps."""
+    if jax.process_index() == 0:
+        to.parent.mkdir(parents=True, exist_ok=True)
+        if to.exists():
+            to = to.with_name(f"{to.name}-{len(list(to.parent.iterdir()))}")
+        path.rename(to)
+    sh.sync_processes(f"set_aside_{path.name}")
+    manager.reload()
+    return to

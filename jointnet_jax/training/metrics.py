@@ -77,6 +77,38 @@ class Writer:
             self.tb.add_image(name, image, step, dataformats="HWC")
 
     def close(self):
-        if self.tb is not None:
+        if self.tb is None:
+            return
+        errors = []
+        try:
             self.tb.close()
+        except OSError as e:
+            # A full disk: what is buffered cannot be written. Mark tensorboardX's event file closed, or its
+            # exit hook retries the flush and prints a traceback after our one-line error.
+            errors.append(e)
+            writer = getattr(self.tb, "file_writer", None)
+            if writer is not None and hasattr(writer, "event_writer"):
+                writer.event_writer._closed = True
+        try:
             self.jsonl.close()
+        except OSError as e:
+            errors.append(e)
+        if errors:
+            raise errors[0]
+
+
+def logged_evals(logdir, *, up_to: int) -> list[dict]:
+    """The held-out evaluations in ``metrics.jsonl`` at steps <= ``up_to`` (the newest row per step), so a
+    resumed run still knows the curve it logged before it was stopped."""
+    path = Path(logdir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = {}
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        if "eval_loss" in row and row.get("step", up_to + 1) <= up_to:
+            rows[row["step"]] = row
+    return [rows[k] for k in sorted(rows)]

@@ -22,7 +22,14 @@ from jointnet_jax.models import hub
 from jointnet_jax.models.clip_text import tokenize
 from jointnet_jax.models.direct_extend import DirectExtend
 from jointnet_jax.models.jointnet import JointNet
-from jointnet_jax.models.loading import load_jointnet, load_text_encoder, load_tokenizer, load_unet, load_vae
+from jointnet_jax.models.loading import (
+    check_compatible,
+    load_jointnet,
+    load_text_encoder,
+    load_tokenizer,
+    load_unet,
+    load_vae,
+)
 from jointnet_jax.models.tiny import UNETS, ensure_tiny_base
 from jointnet_jax.training.partition import split_trainable
 from jointnet_jax.training.stages import get_stage
@@ -126,10 +133,11 @@ def build_models(config, workdir: Path) -> Models:
     base = resolve_base(config, workdir)
     model = build_model(config, base, dtype)
     graphdef, trainable, frozen = split_trainable(model, config.stage)
-    vae_def, vae_state = (
-        (None, nnx.State({})) if pixel_space(config) else nnx.split(load_vae(base / "vae", dtype=dtype))
-    )
-    text_def, text_state = nnx.split(load_text_encoder(base / "text_encoder", dtype=dtype))
+    vae = None if pixel_space(config) else load_vae(base / "vae", dtype=dtype)
+    text_encoder = load_text_encoder(base / "text_encoder", dtype=dtype)
+    check_compatible(model, vae, text_encoder, model_name=config.init_from or base / "unet", base=base)
+    vae_def, vae_state = (None, nnx.State({})) if vae is None else nnx.split(vae)
+    text_def, text_state = nnx.split(text_encoder)
     return Models(
         base,
         load_schedule(base / "scheduler"),

@@ -10,7 +10,9 @@ shardings and a donated train state (the modern form of pjit).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -26,12 +28,59 @@ from jointnet_jax.models.jointnet import JointNet
 from jointnet_jax.training import checkpoints
 from jointnet_jax.training.datasets import loader_configs
 from jointnet_jax.training.export import export_model, sample_grid, write_sample_grid
-from jointnet_jax.training.metrics import Writer, compiled_flops, compiled_memory, device_peak_flops
+from jointnet_jax.training.lock import WorkdirLock
+from jointnet_jax.training.metrics import (
+    Writer,
+    compiled_flops,
+    compiled_memory,
+    device_peak_flops,
+    logged_evals,
+)
 from jointnet_jax.training.objective import LossSettings
 from jointnet_jax.training.optimizer import make_optimizer
 from jointnet_jax.training.setup import build_models, dense_channels
 from jointnet_jax.training.stages import get_stage
 from jointnet_jax.training.steps import TrainState, make_eval_step, make_loss, make_train_step
+
+
+class Stopped(Exception):
+    """SIGTERM stopped training once the checkpoint of the current step was saved. ``Trainer.train`` raises
+    it so that whatever called it (the train CLI, the demo's next phase, a notebook cell) stops too, instead
+    of going on with an unfinished model; ``history`` holds the steps that call ran."""
+
+    def __init__(self, step: int, total: int, workdir: Path, history: list[dict]):
+        super().__init__(
+            f"stopped by SIGTERM at step {step} of {total}; its checkpoint is saved in {workdir / 'checkpoints'}, "
+            "and rerunning the same command resumes from it"
+        )
+        self.step, self.total, self.history = step, total, history
+
+
+class DiskFull(OSError):
+    """The device holding the workdir is full: one sentence with what was kept (see ``Trainer.train``)."""
+
+
+def _disk_full(error: BaseException | None) -> bool:
+    """ENOSPC anywhere in the exception's chain (orbax and tensorstore wrap it in their own errors)."""
+    while error is not None:
+        text = str(error)
+        if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in text:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _finish(*cleanups) -> None:
+    """Run the cleanups of a training loop. While an error is already on its way out (a full disk, say),
+    a cleanup that fails too is logged, so that the first error is the one reported."""
+    failing = sys.exc_info()[1] is not None
+    for cleanup in cleanups:
+        try:
+            cleanup()
+        except OSError as e:
+            if not failing:
+                raise
+            logging.warning("while stopping: %s", e)
 
 
 class Trainer:
@@ -40,6 +89,8 @@ class Trainer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         if config.batch_size % jax.device_count():
             raise ValueError(f"batch_size {config.batch_size} must be divisible by the {jax.device_count()} devices")
+        self.lock = WorkdirLock(self.workdir)  # released when train() ends; taken again by the next train()
+        self.lock.acquire()
         self.mesh = sh.make_mesh(config.mesh.data, config.mesh.fsdp)
         self.stage = get_stage(config.stage)
         self.models = m = build_models(config, self.workdir)
@@ -61,7 +112,6 @@ class Trainer:
         )
         self._compiled, self.flops, self.step_memory, self._eval_fn = None, None, None, None
         self._stop_requested = False
-        self.eval_history: list[dict] = []  # {"step", "eval_loss_rgb", ...} per evaluation
 
     def _shardings(self, tree):
         return sh.tree_shardings(tree, self.mesh, self.config.mesh.min_fsdp_size)
@@ -79,12 +129,16 @@ class Trainer:
         self.uncond = jax.device_put(m.uncond_embedding(), sh.replicated(self.mesh))
 
     def _resume(self):
-        """Continue from the latest checkpoint of the workdir, if there is one (state and data position)."""
-        latest = self.manager.latest_step()
-        if latest is not None:
-            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
-            self.state = checkpoints.restore(self.manager, latest, abstract, self.data)
-            logging.info("resumed from step %d", latest)
+        """Continue from the newest good checkpoint of the workdir, if there is one (state and data position);
+        damaged ones are set aside in ``checkpoints_damaged/`` (see ``checkpoints.restore_newest_good``)."""
+        self.eval_history: list[dict] = []  # {"step", "eval_loss_rgb", ...} per evaluation, kept across resumes
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
+        damaged = self.workdir / "checkpoints_damaged"
+        restored = checkpoints.restore_newest_good(self.manager, abstract, self.data, damaged)
+        if restored is not None:
+            step, self.state = restored
+            self.eval_history = logged_evals(self.workdir / "tensorboard", up_to=step)
+            logging.info("resumed from step %d", step)
 
     # -----------------------------------------------------------------------------------------------
 
@@ -165,12 +219,36 @@ class Trainer:
     # -----------------------------------------------------------------------------------------------
 
     def train(self, num_steps: int | None = None) -> list[dict]:
-        """Train to ``config.total_steps`` (or ``num_steps`` more); returns the per-step metrics. SIGTERM saves a
-        checkpoint and stops after the current step; a non-finite loss stops with the last good checkpoint."""
+        """Train to ``config.total_steps`` (or ``num_steps`` more) and export; returns the per-step metrics.
+        SIGTERM saves a checkpoint after the current step and raises ``Stopped``; a non-finite loss raises
+        FloatingPointError with the last good checkpoint kept. The workdir lock is held meanwhile."""
+        if not self.lock.held:
+            self.lock.acquire()
+        try:
+            history = self._train_loop(num_steps)
+            if self._stop_requested:
+                raise Stopped(int(self.state.step), self.config.total_steps, self.workdir, history)
+            if int(self.state.step) >= self.config.total_steps and self.config.export:
+                self.export()
+            return history
+        except (OSError, ValueError) as e:  # tensorstore reports a full disk as a ValueError
+            if not _disk_full(e):
+                raise
+            where = getattr(e, "filename", None) or self.workdir
+            raise DiskFull(
+                f"no space left on the device of {where} at step {int(self.state.step)}; "
+                f"the checkpoints kept are {self.manager.all_steps()} in {self.workdir / 'checkpoints'} (an "
+                "unfinished save is removed on the next start). Free some space and rerun to resume"
+            ) from e
+        finally:
+            self.lock.release()
+
+    def _train_loop(self, num_steps: int | None) -> list[dict]:
         c = self.config
         start = int(self.state.step)
         end = c.total_steps if num_steps is None else min(c.total_steps, start + num_steps)
         writer, history = Writer(self.workdir / "tensorboard"), []
+        self._stop_requested = False
         previous = signal.signal(signal.SIGTERM, self._request_stop)
         from tqdm.auto import tqdm
 
@@ -187,11 +265,8 @@ class Trainer:
                     break
         finally:
             bar.close()
-            self.manager.wait_until_finished()
-            writer.close()
+            _finish(self.manager.wait_until_finished, writer.close)
             signal.signal(signal.SIGTERM, previous)
-        if int(self.state.step) >= c.total_steps and c.export:
-            self.export()
         return history
 
     def _train_step(self, step: int, end: int, writer: Writer) -> dict:
