@@ -133,11 +133,19 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
-def run(command: Callable[[], object]) -> int:
-    """Run a CLI body: 0 on success; a user error is one ``error: ...`` line on stderr and status 1."""
+STOPPED_EXIT = 143  # 128 + SIGTERM: the shell's status for a process ended by SIGTERM
+
+
+def run(command: Callable[[], object], *, errors: tuple = (), stopped: tuple = ()) -> int:
+    """Run a CLI body: 0 on success; a user error (``USER_ERRORS`` and ``errors``) is one ``error: ...`` line
+    on stderr and status 1; a ``stopped`` exception (a preempted run that saved its work) is its one line and
+    ``STOPPED_EXIT``, so a scheduler sees that the job did not finish."""
     try:
         command()
-    except USER_ERRORS as e:
+    except stopped as e:
+        print(e, file=sys.stderr)
+        return STOPPED_EXIT
+    except (*USER_ERRORS, *errors) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

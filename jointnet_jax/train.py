@@ -9,18 +9,16 @@ Multi-host: one process per host; TPU pods and SLURM are detected automatically,
 
 from __future__ import annotations
 
-import signal
 import sys
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from jointnet_jax import cli as cli_plumbing
 from jointnet_jax import sharding
 
 FLAGS = flags.FLAGS
-STOPPED_EXIT = 128 + signal.SIGTERM  # the shell's status for a process ended by SIGTERM: 143
 config_flags.DEFINE_config_file("config", None, "Training config file (`file.py:arg` for variants).")
 flags.DEFINE_string("workdir", None, "Checkpoints, logs, samples and the export go here.")
 flags.DEFINE_string("coordinator", None, "host:port of process 0, for explicit multi-process runs.")
@@ -35,22 +33,14 @@ def main(argv):
     import jax
 
     cli_plumbing.tracebacks_to(Path(FLAGS.workdir) / "logs" / f"train.{jax.process_index()}.log")
-    from jointnet_jax.training.lock import WorkdirBusy
-    from jointnet_jax.training.trainer import DiskFull, Stopped, Trainer
+    from jointnet_jax.training.trainer import RUN_ERRORS, Stopped, Trainer
 
-    try:
-        trainer = Trainer(FLAGS.config, FLAGS.workdir)
-        history = trainer.train()
-    except Stopped as e:  # preempted: not a success, whatever was saved
-        logging.warning("%s", e)
-        print(e, file=sys.stderr)
-        sys.exit(STOPPED_EXIT)
-    except (FileNotFoundError, ValueError, FloatingPointError, WorkdirBusy, DiskFull) as e:
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    if history:
-        print(f"trained to step {history[-1]['step']}, final loss {history[-1]['loss']:.4f}")
+    def body():
+        history = Trainer(FLAGS.config, FLAGS.workdir).train()
+        if history:
+            print(f"trained to step {history[-1]['step']}, final loss {history[-1]['loss']:.4f}")
+
+    sys.exit(cli_plumbing.run(body, errors=RUN_ERRORS, stopped=(Stopped,)))
 
 
 def cli():

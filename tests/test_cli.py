@@ -3,6 +3,8 @@ are checked before any work, and each mistake is one sentence. No model is built
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from jointnet_jax import evaluate, sample
@@ -61,3 +63,26 @@ def test_a_bad_out_is_found_before_any_work(tmp_path, capsys):
     assert a_file.read_text() == "keep me"
     assert evaluate.main(["depth", "--pred", "p", "--gt", "g", "--out", str(tmp_path)]) == 1
     assert capsys.readouterr().err.strip() == f"error: --out {tmp_path} is an existing folder, not a file name"
+
+
+def test_the_error_handler_maps_stops_and_run_errors(capsys):
+    """``cli.run``: a stopped run is its one line and exit 143 (what the train and demo CLIs return after
+    SIGTERM); the training errors they pass in are one ``error:`` sentence and exit 1; a bug keeps its traceback."""
+    from jointnet_jax import cli
+    from jointnet_jax.training.lock import WorkdirBusy
+    from jointnet_jax.training.trainer import RUN_ERRORS, DiskFull, Stopped
+
+    def raising(error):
+        def command():
+            raise error
+
+        return command
+
+    stop = Stopped(3, 50, Path("wd"), [])
+    assert cli.run(raising(stop), errors=RUN_ERRORS, stopped=(Stopped,)) == 143
+    assert capsys.readouterr().err.strip() == str(stop)
+    for error in (WorkdirBusy("workdir wd is in use"), DiskFull("no space left"), FloatingPointError("loss nan")):
+        assert cli.run(raising(error), errors=RUN_ERRORS, stopped=(Stopped,)) == 1
+        assert capsys.readouterr().err.strip() == f"error: {error}"
+    with pytest.raises(KeyError):
+        cli.run(raising(KeyError("a bug")), errors=RUN_ERRORS, stopped=(Stopped,))

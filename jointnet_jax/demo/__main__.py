@@ -9,12 +9,12 @@ baseline with the same budget, samples and evaluates on held-out scenes, and wri
 
 from __future__ import annotations
 
-import signal
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jointnet_jax import cli as cli_plumbing
 from jointnet_jax.demo.config import default_config
 from jointnet_jax.demo.run import run
 
@@ -26,17 +26,14 @@ flags.DEFINE_string("out", "runs/demo", "Output folder: the runs, their exports 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # progress bars and the report, not every checkpoint file
-    from jointnet_jax.training.lock import WorkdirBusy
-    from jointnet_jax.training.trainer import Stopped
+    from jointnet_jax.training.trainer import RUN_ERRORS, Stopped
 
-    try:
-        run(FLAGS.config or default_config(), FLAGS.out)
-    except Stopped as e:  # a stopped phase stops the demo; rerunning resumes that phase
-        print(e, file=sys.stderr)
-        sys.exit(128 + signal.SIGTERM)
-    except (FileNotFoundError, ValueError, FloatingPointError, WorkdirBusy) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    # A stopped phase stops the demo (exit 143); rerunning resumes that phase.
+    sys.exit(
+        cli_plumbing.run(
+            lambda: run(FLAGS.config or default_config(), FLAGS.out), errors=RUN_ERRORS, stopped=(Stopped,)
+        )
+    )
 
 
 def cli():

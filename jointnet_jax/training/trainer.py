@@ -28,7 +28,7 @@ from jointnet_jax.models.jointnet import JointNet
 from jointnet_jax.training import checkpoints
 from jointnet_jax.training.datasets import loader_configs
 from jointnet_jax.training.export import export_model, sample_grid, write_sample_grid
-from jointnet_jax.training.lock import WorkdirLock
+from jointnet_jax.training.lock import WorkdirBusy, WorkdirLock
 from jointnet_jax.training.metrics import (
     Writer,
     compiled_flops,
@@ -81,6 +81,11 @@ def _finish(*cleanups) -> None:
             if not failing:
                 raise
             logging.warning("while stopping: %s", e)
+
+
+# A run's failures that are the user's to mend (a diverged loss, a busy workdir, a full disk): the CLIs print
+# them as one sentence (``cli.run(..., errors=RUN_ERRORS, stopped=(Stopped,))``).
+RUN_ERRORS = (FloatingPointError, WorkdirBusy, DiskFull)
 
 
 class Trainer:
