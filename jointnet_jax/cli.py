@@ -102,13 +102,13 @@ def add_prompt_arguments(p: argparse.ArgumentParser, *, negative: bool = True) -
         p.add_argument("--negative-prompt", default="")
 
 
-def add_sampler_arguments(p: argparse.ArgumentParser, *, steps: int = 50) -> None:
+def add_sampler_arguments(p: argparse.ArgumentParser, *, steps: int = 50, cfg: float = 7.5) -> None:
     """Steps, guidance, the sampler (any name of ``diffusion.SAMPLER_NAMES``; ``--scheduler`` is its old
     spelling), DDIM's eta and the seed."""
     from jointnet_jax.diffusion import SAMPLER_NAMES
 
     p.add_argument("--steps", type=POSITIVE_INT, default=steps)
-    p.add_argument("--cfg", type=NON_NEGATIVE, default=7.5, help="classifier-free guidance scale (1 = unguided)")
+    p.add_argument("--cfg", type=NON_NEGATIVE, default=cfg, help=f"guidance scale (1 = unguided; default {cfg})")
     p.add_argument("--guidance-rescale", type=FRACTION, default=0.0)
     p.add_argument("--sampler", "--scheduler", dest="sampler", choices=SAMPLER_NAMES, default="ddim")
     p.add_argument("--eta", type=FRACTION, default=0.0, help="DDIM eta")

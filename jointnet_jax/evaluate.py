@@ -4,24 +4,50 @@ evaluation (§5.2, §5.3), over the ``jointnet_jax.evaluation`` package.
 Every result is a JSON file (written atomically) and a one-line summary on stdout. Nothing is downloaded;
 every network comes from a local path.
 
-**depth** -- affine-invariant depth metrics (AbsRel, disparity RMSE, delta1; ``evaluation/depth.py``)
-of predicted disparity against GT depth, matched by file stem. MegaDepth-style layout::
+**depth** -- affine-invariant depth metrics (AbsRel, delta1-3, RMSE, disparity RMSE, SILog;
+``evaluation/depth.py``, whose docstring gives every formula) of predictions against GT depth::
 
-    megadepth_eval/
-      images/0001.jpg ...   RGB inputs
-      gt/0001.npy ...       GT depth, HW float (0 / non-finite = no GT), or 16-bit PNG
-      pred/0001.png ...     predictions: disparity in [0, 1] (near = bright), 8/16-bit PNG or .npy
+    eval/
+      gt/0001.npy ...       GT depth: .npy as stored, or 16-bit PNG (0 = hole) scaled by the --dataset preset
+      pred/0001.npy ...     predictions, per GT stem S: S.npy (float), else S_depth.png, else S.png (8/16-bit)
+
+*Predictions.* By default (``--alignment disparity``, the paper's protocol) a prediction is disparity, i.e.
+inverse depth, as JointNet writes it: normalised to [0, 1], near = bright. Its scale and shift are fitted to
+the GT disparity ``1 / gt`` by least squares and the result inverted to depth. With ``--alignment depth``
+(Marigold's protocol) the prediction is affine-invariant depth, far = large: scale and shift are fitted to the
+GT depth directly, with no inversion. Both fits take the median over ``--num-subsets`` random subsets (0 = one
+fit on all valid pixels). ``jointnet-sample depth`` writes ``S_depth.png``, ``S_depth_color.png``, ``S.npy``
+and ``S.json`` per input photo S; point ``--pred`` at that folder: ``S.npy`` is read (full precision), the
+preview, ``*_uncertainty.png`` and the JSON are never predictions, and the older ``S.png`` layout still
+works. Predictions must have the GT's resolution.
+
+*Presets.* ``--dataset`` (one row of ``evaluation.depth.DATASETS``) sets the 16-bit PNG GT scale, the valid
+range (GT outside it is ignored, the aligned prediction is clipped to it) and the default crop, a mask:
+
+    ========== ============ ================ ==========================================================
+    dataset    PNG GT       valid depth      crop (``--crop``)
+    ========== ============ ================ ==========================================================
+    nyu        / 1000 (m)   (1e-3, 10) m     eigen: rows 45:471, cols 41:601 of a 640x480 frame
+    kitti      / 256 (m)    (1e-5, 80) m     garg (default) or eigen, as fractions of the frame (BTS)
+    megadepth  raw          (0, inf)         none
+    none       raw          (0, inf)         none (the default; the far clip is the farthest GT point)
+    ========== ============ ================ ==========================================================
+
+*Pairing.* Files pair by stem; for datasets whose names differ, ``--pairs FILE`` lists one ``pred gt``
+pair per line, relative to ``--pred`` and ``--gt`` (blank lines and ``#`` comments ignored); a prediction
+entry may also name the input photo (``rgb_00000.jpg``), whose prediction is then found by its stem.
+
+*Results.* Metrics are computed per image and averaged over images (each image weighs the same); the JSON
+holds ``per_image`` (with scale, shift, valid pixel count), ``mean``, ``count`` and ``settings`` (dataset,
+crop, alignment, valid range, averaging and the fit options). NYUv2 (Eigen test split, GT as 16-bit PNG in
+millimetres, its RGB named ``rgb_*.jpg`` and its GT ``sync_depth_*.png``)::
+
+    jointnet-sample depth --base SD21 --model JOINTNET --image 'nyu/rgb_*.jpg' --out nyu_pred
+    for f in nyu/rgb_*.jpg; do n=$(basename "$f" .jpg); echo "$n.jpg sync_depth_${n#rgb_}.png"; done > pairs.txt
+    jointnet-evaluate depth --pred nyu_pred --gt nyu --pairs pairs.txt --dataset nyu --out nyu.json
 
 MegaDepth ships depth as HDF5; convert each once, e.g.
-``np.save(f"gt/{stem}.npy", h5py.File(f"{stem}.h5")["depth"][()])``. Predict with the image->depth task, one
-image per run, and keep the 16-bit depth under the image's stem, at the GT's resolution (resize if the model
-ran at another size)::
-
-    for f in megadepth_eval/images/*.jpg; do s=$(basename "$f" .jpg)
-      jointnet-sample depth --base SD21 --model JOINTNET --image "$f" --prompt "" --out "tmp/$s" \\
-        && cp "tmp/$s/0000_depth.png" "megadepth_eval/pred/$s.png"
-    done
-    jointnet-evaluate depth --pred megadepth_eval/pred --gt megadepth_eval/gt --out depth.json
+``np.save(f"gt/{stem}.npy", h5py.File(f"{stem}.h5")["depth"][()])``, and evaluate with ``--dataset megadepth``.
 
 **images** -- FID (with ``--real``), IS (with ``--inception-weights``) and CLIP score (with ``--clip-model``)
 of a folder of generated images (``evaluation/images.py``). FID and IS read torch-fidelity's
@@ -61,8 +87,28 @@ from jointnet_jax.io_utils import write_json
 
 
 def _depth_parser(d: argparse.ArgumentParser) -> None:
-    d.add_argument("--pred", required=True, help="predicted disparity in [0, 1]: 8/16-bit PNG or .npy per image")
-    d.add_argument("--gt", required=True, help="GT depth per image (same stems): .npy or 16-bit PNG; 0 = no GT")
+    d.add_argument(
+        "--pred",
+        required=True,
+        help="folder of predictions: per GT stem S, S.npy, else S_depth.png, else S.png (disparity, "
+        "near = bright; affine depth with --alignment depth)",
+    )
+    d.add_argument("--gt", required=True, help="folder of GT depth (same stems): .npy or 16-bit PNG; 0 = no GT")
+    d.add_argument("--pairs", help="file of 'pred gt' lines (paths relative to --pred and --gt) instead of stems")
+    d.add_argument(
+        "--dataset",
+        choices=tuple(depth_eval.DATASETS),
+        default="none",
+        help="protocol preset: PNG GT scale, valid range, default crop (none: raw, > 0, no crop)",
+    )
+    d.add_argument("--crop", choices=depth_eval.CROP_NAMES, help="evaluation crop (default: nyu eigen, kitti garg)")
+    d.add_argument(
+        "--alignment",
+        choices=tuple(depth_eval.ALIGNMENTS),
+        default="disparity",
+        help="fit scale and shift in disparity space (predictions are disparity; the paper) or in depth space "
+        "(predictions are affine depth; Marigold)",
+    )
     d.add_argument("--num-subsets", type=cli.COUNT, default=depth_eval.DEFAULT_NUM_SUBSETS, help="0 = one full fit")
     d.add_argument(
         "--subset-fraction", type=cli.number(low=0, high=1, above=True), default=depth_eval.DEFAULT_SUBSET_FRACTION
@@ -71,7 +117,8 @@ def _depth_parser(d: argparse.ArgumentParser) -> None:
     d.add_argument(
         "--min-disparity",
         type=cli.number(low=0, above=True),
-        help="clamp for aligned disparity (default: 1 / max GT depth)",
+        help="far limit as a disparity: aligned depth is clipped to <= 1 / this "
+        "(default: the dataset's max depth, else the farthest GT point)",
     )
 
 
@@ -102,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jointnet-evaluate", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_, add in (
-        ("depth", "AbsRel / disparity RMSE / delta1 of a prediction folder against GT depth", _depth_parser),
+        ("depth", "AbsRel / delta1-3 / RMSE / SILog of a prediction folder against GT depth", _depth_parser),
         ("images", "FID / IS / CLIP score of a folder of generated images", _images_parser),
         ("panorama", "intra-LPIPS and time per panorama (Table 2)", _panorama_parser),
     ):
@@ -113,14 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_depth(args) -> dict:
-    kwargs = dict(
+    fit = dict(
         num_subsets=args.num_subsets,
         subset_fraction=args.subset_fraction,
         seed=args.seed,
         min_disparity=args.min_disparity,
     )
-    result = depth_eval.evaluate_depth_folder(args.pred, args.gt, **kwargs)
-    result["settings"] = {"pred": str(args.pred), "gt": str(args.gt), **kwargs}
+    result = depth_eval.evaluate_depth_folder(
+        args.pred, args.gt, dataset=args.dataset, crop=args.crop, pairs=args.pairs, alignment=args.alignment, **fit
+    )
+    where = {"pred": str(args.pred), "gt": str(args.gt), "pairs": args.pairs and str(args.pairs)}
+    result["settings"] = {**where, **result["settings"], **fit}
     print(" ".join(f"{k}={v:.4f}" for k, v in result["mean"].items()) + f" over {result['count']} images")
     return result
 

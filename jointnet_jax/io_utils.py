@@ -85,6 +85,16 @@ def write_npz(path, arrays: dict) -> None:
     atomic_write(path, save)
 
 
+def write_npy(path, array) -> None:
+    """Save one array as ``.npy``, atomically."""
+
+    def save(tmp: Path):
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+    atomic_write(path, save)
+
+
 def image_grid(columns: list[np.ndarray]) -> np.ndarray:
     """Rows of images side by side: ``columns[k]`` is (B, H, W, 3); row ``b`` holds image ``b`` of each."""
     return np.concatenate([np.concatenate(row, axis=1) for row in zip(*columns, strict=True)], axis=0)
@@ -112,6 +122,41 @@ def decode_image(source, name=None) -> np.ndarray:
             return np.asarray(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image {name}: {e}") from e
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
+_SWAPPED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the image by 90 degrees
+
+
+def list_images(spec) -> list[Path]:
+    """The image files ``spec`` names: a file, a folder (its images, not recursive) or a glob pattern; sorted.
+    FileNotFoundError when it names nothing (one sentence, naming it)."""
+    path = Path(spec)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        found = [p for p in sorted(path.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        if not found:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the folder {path}")
+        return found
+    found = sorted(p for p in Path().glob(str(spec)) if p.is_file()) if not path.is_absolute() else None
+    if found is None:
+        anchor = Path(path.anchor)
+        found = sorted(p for p in anchor.glob(str(path.relative_to(anchor))) if p.is_file())
+    if not found:
+        raise FileNotFoundError(f"no such image file, folder or matching files: {spec}")
+    return found
+
+
+def image_size(path) -> tuple[int, int]:
+    """(H, W) of an image file as displayed (after its EXIF orientation), read from its header only."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            orientation = img.getexif().get(0x0112, 1)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+    return (w, h) if orientation in _SWAPPED_ORIENTATIONS else (h, w)
 
 
 def load_image_array(path) -> np.ndarray:

@@ -7,6 +7,12 @@ Outputs per sample ``i`` in ``--out`` (``pipelines/outputs.py``): ``{i:04d}_rgb.
 ``{i:04d}.npz`` (float32 ``rgb`` and ``depth``/``normal`` in [0, 1]) and ``{i:04d}.json`` (prompt, seed,
 settings, model paths).
 
+``depth`` is for photos (``pipelines/photos.py``): ``--image`` is a file, a folder or a glob of photos of any
+size and format, each run at ``--processing-resolution`` and written back at its own size under its stem
+(``{stem}_depth.png``, ``{stem}_depth_color.png``, ``{stem}.npy``, ``{stem}.json``, and with ``--ensemble`` > 1
+``{stem}_uncertainty.png``). A photo that cannot be read is named in one line and skipped; the others are
+written, and the run then exits 1 with the list of failures.
+
 Each command is a row of ``COMMANDS``: the tasks it runs (``pipelines/tasks.py``; a choice of several is the
 ``--preset`` flag, with the official preset names), its default tiling and strength. A command takes only the
 input flags its tasks use.
@@ -29,6 +35,11 @@ from jointnet_jax.pipelines.tasks import get_task
 
 INPUT_HELP = {
     "image": "RGB input image",
+    "photos": "photos: a file, a folder (its images) or a quoted glob; any size, 8/16-bit, grey/RGB/RGBA (alpha "
+    "dropped), palette or CMYK, turned upright by EXIF",
+    "init_depth": "refine this depth instead of starting from noise (SDEdit with --strength): a file (one photo) "
+    "or a folder with {stem}.npy, {stem}_depth.png or {stem}.png per photo; 8/16-bit PNG or .npy in [0,1], near = "
+    "bright",
     "depth": "depth input: 8/16-bit PNG or .npy in [0,1], near = bright (with --modality normal: a normal map)",
     "mask": "RGB mask, white = repaint",
     "depth_mask": "depth mask, white = repaint",
@@ -57,17 +68,21 @@ class Command:
     tiling: str | None = None
     strength: float = 1.0
     call: Callable = _run
+    photos: bool = False  # photos of any size, named by stem (pipelines/photos.py), instead of fixed-size samples
 
     @property
     def inputs(self) -> list[str]:
-        """The input flags: every input any of its tasks needs, in a fixed order."""
+        """The input flags: every input any of its tasks needs, in a fixed order (for photos: the photos and
+        an optional initial depth)."""
+        if self.photos:
+            return ["photos", "init_depth"]
         needed = {n for p in self.presets for n in get_task(p).needs}
         return [n for n in INPUT_HELP if n in needed]
 
 
 COMMANDS = {
     "generate": Command("text -> RGB + depth", ("generate",)),
-    "depth": Command("image -> depth", ("depth",)),
+    "depth": Command("photos -> depth (or normals): any size, a file, a folder or a glob", ("depth",), photos=True),
     "image": Command("depth -> image", ("image",)),
     "inpaint": Command("RGBD editing with separate RGB and depth masks", ("inpaint",)),
     "panorama": Command(
@@ -87,26 +102,43 @@ COMMANDS = {
 def _add_command(p: argparse.ArgumentParser, command: Command) -> None:
     cli.add_model_arguments(p)
     cli.add_prompt_arguments(p)
-    cli.add_sampler_arguments(p)
-    cli.add_size_arguments(p, "the input's size, else the model's (512 for SD2.1-base)")
-    p.add_argument("--num-samples", type=cli.POSITIVE_INT, default=1, help="samples per prompt")
-    p.add_argument("--init-noise", help=".npy initial latents (B, h, w, 8) NHWC, RGB channels first, unscaled N(0,1)")
+    cli.add_sampler_arguments(p, cfg=1.0 if command.photos else 7.5)
+    if command.photos:
+        _photo_args(p)
+    else:
+        cli.add_size_arguments(p, "the input's size, else the model's (512 for SD2.1-base)")
+        p.add_argument("--num-samples", type=cli.POSITIVE_INT, default=1, help="samples per prompt")
+        p.add_argument("--init-noise", help=".npy initial latents (B, h, w, 8) NHWC, RGB first, unscaled N(0,1)")
     p.add_argument("--modality", choices=("depth", "normal"), default="depth")
     p.add_argument("--masked-conditioning", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--out", required=True)
     if command.presets != ("generate",):
         p.add_argument(
             "--strength",
-            type=cli.number(low=0, high=1, above=True),
+            type=cli.FRACTION,
             default=command.strength,
-            help="SDEdit start point (1 = noise)",
+            help="SDEdit start point (1 = noise; 0 = the inputs through the VAE)",
         )
     if len(command.presets) > 1:
         p.add_argument("--preset", choices=command.presets, default=command.presets[0], help="what to generate")
     for name in command.inputs:
-        p.add_argument(f"--{name.replace('_', '-')}", help=INPUT_HELP[name])
+        flag = "image" if name == "photos" else name.replace("_", "-")
+        p.add_argument(
+            f"--{flag}", dest="image" if name == "photos" else name, help=INPUT_HELP[name], required=name == "photos"
+        )
     if command.tiling:
         _tiling_args(p, command.tiling)
+
+
+def _photo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--processing-resolution",
+        type=cli.COUNT,
+        help="longest side the model runs at, rounded to its size multiple (default: its native size, 512 for "
+        "SD2.1-base; 0: each photo's own size)",
+    )
+    p.add_argument("--ensemble", type=cli.POSITIVE_INT, default=1, help="samples per photo, aligned and merged")
+    p.add_argument("--batch-size", type=cli.POSITIVE_INT, default=1, help="photos of one size per model call")
 
 
 def _tiling_args(p: argparse.ArgumentParser, mode: str):
@@ -164,9 +196,9 @@ def _settings(args):
         guidance_rescale=args.guidance_rescale,
         sampler=args.sampler,
         eta=args.eta,
-        height=args.height,
-        width=args.width,
-        num_samples=args.num_samples,
+        height=getattr(args, "height", None),
+        width=getattr(args, "width", None),
+        num_samples=getattr(args, "num_samples", 1),
         seed=args.seed,
         strength=getattr(args, "strength", 1.0),
         negative_prompt=args.negative_prompt,
@@ -188,6 +220,8 @@ def run_command(args) -> list[Path]:
 
     command = COMMANDS[args.command]
     args.preset = getattr(args, "preset", command.presets[0])
+    if command.photos:
+        return run_photos(args)
     cli.check_output_folder(args.out)  # before anything slow: a bad --out is found now, not after sampling
     prompts, inputs, settings = cli.read_prompts(args), read_inputs(args), _settings(args)
     init_noise = _init_noise(args.init_noise)
@@ -202,9 +236,88 @@ def run_command(args) -> list[Path]:
     return written
 
 
+def run_photos(args) -> list[Path]:
+    """``sample depth``: every photo of ``--image`` through ``photos.predict``, each written as it is done; a
+    photo that fails is named on stderr and skipped, and the run ends in one error listing them."""
+    from tqdm.auto import tqdm
+
+    from jointnet_jax.pipelines import Pipeline, photos
+    from jointnet_jax.pipelines.outputs import write_prediction
+
+    cli.check_output_folder(args.out)
+    files = io_utils.list_images(args.image)
+    _check_unique_stems(files)
+    prompts = cli.read_prompts(args) if args.prompt or args.prompts_file else []
+    if len(prompts) > 1:
+        raise ValueError(f"depth takes one prompt for all photos, got {len(prompts)}")
+    settings, failures = _settings(args), {}
+    items = [item for item in (_photo(path, args, failures, len(files) == 1) for path in files) if item is not None]
+    pipe = Pipeline.from_pretrained(args.base, args.model, dtype=cli.jax_dtype(args.dtype), modality=args.modality)
+    request = photos.Request(settings, (prompts or [""])[0], args.processing_resolution, args.ensemble, args.batch_size)
+    record, written = _record(args, settings, None), []
+    with tqdm(total=len(files), initial=len(failures), desc="photos", unit="photo") as bar:
+        for i, result in photos.predict(pipe, items, request):
+            path = Path(items[i].name)
+            if isinstance(result, Exception):
+                failures[path] = str(result)
+                tqdm.write(f"error: {result}", file=sys.stderr)
+            else:
+                info = {"input": str(path.resolve()), "input_size": list(items[i].size)}
+                info |= {"processing_size": list(result["processing_size"]), "ensemble": args.ensemble}
+                written.append(write_prediction(args.out, path.stem, result, {**record, **info}, args.modality))
+            bar.update(1)
+    if failures:
+        names = ", ".join(str(p) for p in failures)
+        raise ValueError(
+            f"{len(failures)} of {len(files)} photos failed ({names}); the other {len(written)} are in {args.out}"
+        )
+    print(f"wrote {len(written)} predictions to {args.out}")
+    return written
+
+
+def _check_unique_stems(files: list[Path]) -> None:
+    seen: dict[str, Path] = {}
+    for f in files:
+        if f.stem in seen:
+            raise ValueError(f"{seen[f.stem]} and {f} would write the same outputs ({f.stem}_*); rename one")
+        seen[f.stem] = f
+
+
+def _photo(path: Path, args, failures: dict, single: bool):
+    """The ``photos.Photo`` of one file (its size read from the header), or None with the failure noted."""
+    from jointnet_jax.pipelines import photos
+
+    try:
+        init = _init_depth_file(path, args, single) if args.init_depth else None
+        reader = io_utils.read_image if args.modality == "normal" else io_utils.read_depth
+        return photos.Photo(
+            str(path), io_utils.image_size(path), lambda: io_utils.read_image(path), init and (lambda: reader(init))
+        )
+    except (ValueError, FileNotFoundError) as e:
+        failures[path] = str(e)
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
+def _init_depth_file(photo: Path, args, single: bool) -> Path:
+    """The initial depth for ``photo``: ``--init-depth`` itself when it is a file (one photo only), else the
+    first of ``{stem}.npy``, ``{stem}_depth.png``, ``{stem}.png`` in that folder."""
+    given = Path(args.init_depth)
+    if given.is_file():
+        if not single:
+            raise ValueError(f"--init-depth {given} is one file but --image names several photos; give a folder")
+        return given
+    if not given.is_dir():
+        raise FileNotFoundError(f"--init-depth {given} is neither a file nor a folder")
+    for name in (f"{photo.stem}.npy", f"{photo.stem}_depth.png", f"{photo.stem}.png"):
+        if (given / name).is_file():
+            return given / name
+    raise FileNotFoundError(f"no initial depth for {photo} in {given} ({photo.stem}.npy, _depth.png or .png)")
+
+
 def _record(args, settings, tiling) -> dict:
     """What the run was, written next to every sample."""
-    names = ("image", "depth", "mask", "depth_mask", "init_noise")
+    names = ("image", "depth", "mask", "depth_mask", "init_noise", "init_depth")
     return {
         "task": args.command,
         "preset": args.preset,

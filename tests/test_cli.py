@@ -40,7 +40,7 @@ def test_sample_numeric_flags_are_checked(flag, value, message, tmp_path, capsys
 def test_strength_and_evaluation_flags_are_checked(tmp_path, capsys):
     depth = ["depth", "--base", "b", "--model", "m", "--prompt", "x", "--image", "i.png", "--out", str(tmp_path)]
     for argv, message in [
-        ([*depth, "--strength", "0"], "argument --strength: 0 must be > 0"),
+        ([*depth, "--strength", "-0.1"], "argument --strength: -0.1 must be >= 0"),  # 0: the inputs as they are
         ([*depth, "--strength", "1.5"], "argument --strength: 1.5 must be <= 1"),
     ]:
         with pytest.raises(SystemExit):

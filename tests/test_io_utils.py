@@ -1,5 +1,7 @@
 """io_utils: bit-depth conventions, clear errors for bad files, atomic writes."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -138,3 +140,28 @@ def test_depth_color_preview(tmp_path):
     assert far[2] > far[0] and near[0] > near[2]  # far blue-ish, near (bright inverse depth) red-ish
     with pytest.raises(ValueError, match="non-finite"):
         io_utils.write_depth_color(tmp_path / "n.png", np.array([[np.nan]]))
+
+
+def test_list_images_takes_a_file_a_folder_or_a_glob_and_image_size_is_as_displayed(tmp_path, monkeypatch):
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: stored 40 wide and 30 high, displayed 30 wide and 40 high
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "b.jpg", exif=exif)
+    Image.fromarray(np.zeros((5, 7), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert io_utils.list_images(tmp_path) == [tmp_path / "a.png", tmp_path / "b.jpg"]
+    assert io_utils.list_images(tmp_path / "b.jpg") == [tmp_path / "b.jpg"]
+    assert io_utils.list_images(str(tmp_path / "*.png")) == [tmp_path / "a.png"]
+    monkeypatch.chdir(tmp_path)
+    assert io_utils.list_images("*.jpg") == [Path("b.jpg")]
+    assert io_utils.image_size(tmp_path / "b.jpg") == (40, 30) and io_utils.image_size(tmp_path / "a.png") == (5, 7)
+    for missing in (tmp_path / "none", str(tmp_path / "*.webp")):
+        with pytest.raises(FileNotFoundError, match="no such image file, folder or matching files"):
+            io_utils.list_images(missing)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no images"):
+        io_utils.list_images(tmp_path / "empty")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="cannot read image .*bad.png"):
+        io_utils.image_size(tmp_path / "bad.png")

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,7 +20,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
 # Executed at tiny size. Each must exist: a missing notebook fails rather than being skipped.
 EXECUTED = ["01_quickstart.ipynb", "02_inference.ipynb"]
 # Only validated and compiled (they need an accelerator and real data to be worth running).
@@ -94,8 +98,43 @@ def _errors(nb) -> list[str]:
     return found
 
 
+@pytest.fixture(scope="module")
+def demo_stopped_then_resumed(tmp_path_factory):
+    """The demo CLI at tiny size in its own process (the notebook kernel's environment), sent SIGTERM as soon as
+    its first phase holds its workdir (``base/LOCK``: the trainer's SIGTERM handler is in place from then on),
+    then run again with the same command. Returns the output folder and both completed processes."""
+    out = tmp_path_factory.mktemp("demo_cli") / "out"
+    command = [sys.executable, "-m", "jointnet_jax.demo", "--config", f"{ROOT / 'configs' / 'demo.py'}:tiny"]
+    command += ["--out", str(out)]
+    env = _kernel_env(out)
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (out / "base" / "LOCK").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
+    stopped = subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+    stopped.folders = sorted(p.name for p in out.iterdir())  # what the stopped run left
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3 * TIMEOUT_S)
+    return out, stopped, resumed
+
+
+def test_demo_stopped_by_sigterm_exits_nonzero_and_resumes_to_a_full_report(demo_stopped_then_resumed):
+    """A stopped phase stops the demo: exit 143, one sentence and no traceback, no later phase and no report.
+    The same command then resumes and writes the complete report."""
+    out, stopped, resumed = demo_stopped_then_resumed
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert "stopped by SIGTERM at step 0 of 4" in stopped.stderr and "Traceback" not in stopped.stderr
+    assert stopped.folders == ["base"]  # no later phase ran, and no report was written
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "wall time:" in resumed.stdout and "Traceback" not in resumed.stderr
+    missing = [f for f in EXPECTED_OUTPUTS["01_quickstart.ipynb"] if not (out / f).is_file()]
+    assert not missing, f"the resumed demo did not write {missing}"
+    _check_demo_report(json.loads((out / "report" / "metrics.json").read_text()))
+
+
 @pytest.mark.parametrize("name", EXECUTED)
-def test_notebook_executes_at_tiny_size(name, tmp_path, kernel_dirs):
+def test_notebook_executes_at_tiny_size(name, tmp_path, kernel_dirs, request):
     from jupyter_client.kernelspec import KernelSpecManager
     from jupyter_client.manager import KernelManager
     from nbclient import NotebookClient
@@ -103,6 +142,11 @@ def test_notebook_executes_at_tiny_size(name, tmp_path, kernel_dirs):
 
     nb = _read(name)
     out = tmp_path / "out"
+    if name == "01_quickstart.ipynb":
+        # The quickstart's phases are the demo CLI's: start from that run's trained phases (not its report), so
+        # every training cell resumes a finished run and what the kernel spends is the notebook's own work.
+        demo_out = request.getfixturevalue("demo_stopped_then_resumed")[0]
+        shutil.copytree(demo_out, out, ignore=shutil.ignore_patterns("report"))
     km = KernelManager(
         kernel_name="jointnet-test", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernel_dirs)])
     )

@@ -221,21 +221,23 @@ def test_init_noise_file(models, pipe, tmp_path, capsys):
 
 
 def test_depth_task(models, pipe, inputs, tmp_path):
-    """Image -> depth: the output files, the npz equals ``pipe.depth``, the 16-bit PNG keeps the depth to
-    1/65535 and the colour preview is the Turbo map of it."""
+    """Image -> depth of one photo: its files named by the photo's stem, the .npy equals ``pipe.depth`` (run at
+    the native processing size and resized back), the 16-bit PNG keeps the depth to 1/65535 and the colour
+    preview is the Turbo map of it."""
     files, values = inputs
     out = _cli(models, tmp_path / "d", "depth", "--image", str(files["image"]), prompts=["a cat"])
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["0000.json", "0000.npz", "0000_depth.png", "0000_depth_color.png", "0000_rgb.png"]
-    api = pipe.depth("a cat", values["image"], **API)
-    _same(out, api)
-    depth = _npz(out)["depth"]
-    assert io_utils.load_image_array(out / "0000_depth.png").dtype == np.uint16
-    np.testing.assert_allclose(io_utils.read_depth(out / "0000_depth.png"), depth, atol=1 / 65535, rtol=0)
-    preview = io_utils.read_image(out / "0000_depth_color.png")
+    assert names == ["image.json", "image.npy", "image_depth.png", "image_depth_color.png"]
+    api = pipe.depth(values["image"], prompt="a cat", **API)
+    depth = np.load(out / "image.npy")
+    np.testing.assert_allclose(depth, api["depth"], atol=1e-6, rtol=0)
+    assert depth.shape == (H, W) and api["processing_size"] == (8, 16)
+    assert io_utils.load_image_array(out / "image_depth.png").dtype == np.uint16
+    np.testing.assert_allclose(io_utils.read_depth(out / "image_depth.png"), depth, atol=1 / 65535, rtol=0)
+    preview = io_utils.read_image(out / "image_depth_color.png")
     np.testing.assert_allclose(preview, io_utils.turbo_colormap(depth), atol=0.5 / 255 + 1e-6, rtol=0)
-    np.testing.assert_allclose(io_utils.read_image(out / "0000_rgb.png"), _npz(out)["rgb"], atol=0.5 / 255 + 1e-6)
-    assert _meta(out)["inputs"] == {"image": str(files["image"].resolve())}
+    meta = json.loads((out / "image.json").read_text())
+    assert meta["inputs"] == {"image": str(files["image"].resolve())} and meta["settings"]["cfg"] == 1.0
 
 
 def test_image_task_from_png_and_npy_depth(models, pipe, inputs, tmp_path):
@@ -251,6 +253,35 @@ def test_image_task_from_png_and_npy_depth(models, pipe, inputs, tmp_path):
     _, dense = _known_latents(pipe, np.zeros((H, W, 3), np.float32), _gray(values["depth"]))
     np.testing.assert_allclose(_npz(png)["depth"], pipe.decode_latents(dense[None])[0, ..., 0], atol=1e-5, rtol=0)
     np.testing.assert_array_equal(api["latents"][0, ..., 4:], dense)
+
+
+def test_image_task_reads_8_bit_16_bit_and_grey_rgb_depth_pngs(models, pipe, tmp_path, capsys):
+    """Depth PNGs as users save them: 8-bit grey (/255), 16-bit grey (/65535) and 8-bit RGB with equal channels
+    (read as its one channel) each give ``pipe.image`` of the map read at its bit depth; an RGB PNG whose
+    channels differ is refused with one sentence naming it, before any sampling."""
+    from PIL import Image
+
+    ramp = np.linspace(0, 1, H * W).reshape(H, W)
+    files = {
+        "grey8": (np.round(ramp * 255).astype(np.uint8), 255),
+        "grey16": (np.round(ramp * 65535).astype(np.uint16), 65535),
+        "rgb8": (np.repeat(np.round(ramp * 255).astype(np.uint8)[..., None], 3, -1), 255),
+    }
+    for name, (pixels, _) in files.items():
+        Image.fromarray(pixels).save(tmp_path / f"{name}.png")
+    for name, (pixels, levels) in files.items():
+        out = _cli(models, tmp_path / name, "image", "--depth", str(tmp_path / f"{name}.png"), prompts=["a cat"])
+        expected = (pixels[..., 0] if pixels.ndim == 3 else pixels).astype(np.float32) / levels
+        _same(out, pipe.image("a cat", expected, **API))
+    colour = np.repeat(np.round(ramp * 255).astype(np.uint8)[..., None], 3, -1)
+    colour[0, 0] = (10, 200, 30)
+    Image.fromarray(colour).save(tmp_path / "colour.png")
+    capsys.readouterr()
+    args = ["image", "--base", str(models["base"]), "--model", str(models["twin"]), "--prompt", "a cat"]
+    assert sample.main([*args, "--depth", str(tmp_path / "colour.png"), "--out", str(tmp_path / "c")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path / "colour.png") in err[0] and "channels differ" in err[0], err
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
 
 
 def test_inpaint_task(models, pipe, inputs, tmp_path):

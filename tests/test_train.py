@@ -183,7 +183,9 @@ def test_resume_after_sigkill_reproduces_losses(stage1, tmp_path):
 
 def test_sigterm_saves_a_checkpoint_and_stops_and_samples_are_written(tmp_path):
     c = _config(total_steps=50, checkpoint_every=100, export=False, sample_every=2, sample_steps=2)
+    handler_before = signal.getsignal(signal.SIGTERM)
     trainer = Trainer(c, tmp_path)
+    assert signal.getsignal(signal.SIGTERM) != handler_before  # a held workdir: SIGTERM asks for a stop
     data = trainer.data
 
     class TermAfter:  # deliver a real SIGTERM to this process while the third batch is read
@@ -205,12 +207,21 @@ def test_sigterm_saves_a_checkpoint_and_stops_and_samples_are_written(tmp_path):
     history = stopped.value.history
     assert len(history) == 3 and not (tmp_path / "LOCK").exists()  # the workdir lock is released
     assert trainer.manager.all_steps() == [3]
+    assert signal.getsignal(signal.SIGTERM) == handler_before  # given back with the workdir
     # sample_every=2: a fixed-prompt grid (one row per prompt: RGB | depth) was written at step 2.
     from jointnet_jax.io_utils import read_image
 
     grid = read_image(tmp_path / "samples" / "0000002.png")
     res = c.data.resolution
     assert grid.shape == (res * len(c.sample_prompts), 2 * res, 3)
+    # SIGTERM while a trainer is being set up (it holds the workdir from its first line): train() stops
+    # before its first step, with the resumed checkpoint as it was.
+    resumed = Trainer(c, tmp_path)
+    os.kill(os.getpid(), signal.SIGTERM)
+    with pytest.raises(Stopped, match=r"at step 3 of 50; its checkpoint is saved") as again:
+        resumed.train()
+    assert again.value.history == [] and resumed.manager.all_steps() == [3]
+    assert "nothing was trained or saved yet" in str(Stopped(0, 4, tmp_path, []))
 
 
 def test_init_from_official_checkpoint_stage3(official, tmp_path):

@@ -31,7 +31,7 @@ from jointnet_jax.models.functional import compiled
 from jointnet_jax.models.jointnet import JointNet
 from jointnet_jax.models.loading import check_compatible, load_jointnet, load_text_encoder, load_tokenizer, load_vae
 from jointnet_jax.models.pixel_space import branch_codecs
-from jointnet_jax.pipelines import loop
+from jointnet_jax.pipelines import loop, photos
 from jointnet_jax.pipelines.tasks import Task, get_task, latent_mask
 from jointnet_jax.pipelines.tiles import TileGrid, Tiling
 
@@ -163,9 +163,52 @@ class Pipeline:
         """Text -> RGB + depth (or normals), from noise."""
         return self.run("generate", prompts, **kw)
 
-    def depth(self, prompts, image, **kw):
-        """Image -> depth: RGB known, dense generated (official rgb2j preset)."""
-        return self.run("depth", prompts, image=image, **kw)
+    def depth(
+        self,
+        images,
+        image=None,
+        *,
+        prompt: str = "",
+        processing_resolution: int | None = None,
+        ensemble: int = 1,
+        init_depth=None,
+        batch_size: int = 1,
+        settings: SampleSettings | None = None,
+        **kw,
+    ):
+        """Image -> depth (or normals): RGB known, dense generated (official rgb2j preset).
+
+        ``pipe.depth(images, ...)``: photos of any size (one (H, W, 3) array in [0, 1], or a list of them, or a
+        (B, H, W, 3) batch), each run at its processing size and returned at its own size (``photos.py``): a
+        dict, or a list of dicts for several, with ``depth`` (H, W) or ``normal`` (H, W, 3), ``uncertainty``
+        and ``processing_size``. ``processing_resolution``: the longest side it runs at (default: the model's
+        native size; 0: the photo's own size, rounded); ``ensemble``: samples merged per photo;
+        ``init_depth``: a map (or one per photo) to refine by SDEdit with ``strength``; ``batch_size``: photos
+        per model call. Sampling settings (``steps``, ``seed``, ``cfg``, ``strength``, ...) as for ``run``.
+
+        ``pipe.depth(prompts, image, ...)`` (a prompt or a list of prompts first) is the fixed-size task:
+        ``run("depth", prompts, image=image, ...)``, the image already at a size the model runs.
+        """
+        if isinstance(images, str) or (isinstance(images, list | tuple) and images and isinstance(images[0], str)):
+            return self.run("depth", images, image=image, **kw)
+        s, unknown = _split_settings(settings or SampleSettings(cfg=1.0), kw)
+        if unknown:
+            raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
+        single = isinstance(images, np.ndarray | jax.Array) and np.ndim(images) == 3
+        arrays = [images] if single else list(images)
+        inits = [None] * len(arrays) if init_depth is None else [init_depth] if single else list(init_depth)
+        if len(inits) != len(arrays):
+            raise ValueError(f"{len(arrays)} images but {len(inits)} initial maps (init_depth)")
+        items = [
+            photos.from_array(a, f"image {i}", init) for i, (a, init) in enumerate(zip(arrays, inits, strict=True))
+        ]
+        request = photos.Request(s, prompt, processing_resolution, ensemble, batch_size)
+        results: list = [None] * len(items)
+        for i, result in photos.predict(self, items, request):
+            if isinstance(result, Exception):
+                raise result
+            results[i] = result
+        return results[0] if single else results
 
     def image(self, prompts, depth, **kw):
         """Depth -> image: dense known, RGB generated (official j2rgb preset)."""
@@ -215,9 +258,9 @@ class Pipeline:
         s.height, s.width = s.height or round(hw[0] * scale), s.width or round(hw[1] * scale)
         size = (s.height, s.width)
         if preset != "depth":
-            image = _resize(image, size, Image.LANCZOS)
+            image = photos.resize(image, size, Image.LANCZOS)
         if preset != "image":
-            depth = _resize(depth, size, Image.NEAREST)
+            depth = photos.resize(depth, size, Image.NEAREST)
         return self.run(get_task(preset), prompts, image=image, depth=depth, settings=s, tiling=tiling, **kw)
 
     def sampler(self, name, steps, strength=1.0, eta=0.0):
@@ -256,8 +299,11 @@ class Pipeline:
         size = self._resolve_size(s, image, depth)
         self._check_size(*size)
         grid = self._tile_grid(tiling, *size)
+        key_noise, key_vae, key_loop = _run_keys(s.seed)
+        if s.strength == 0.0:  # SDEdit that starts where it ends: the inputs through the VAE, nothing denoised
+            known = self._encode_known(*self._known_images(given, len(batch_prompts), size), key_vae)
+            return self._outputs(known, wrap=grid is not None and grid.tiling.wrap)
         sampler = self.sampler(s.sampler, s.steps, float(s.strength), float(s.eta))
-        key_noise, key_vae, key_loop = jax.random.split(jax.random.key(s.seed), 3)
         inputs = self._loop_inputs(spec, s, batch_prompts, given, size, sampler, init_noise, (key_noise, key_vae))
         sink = None if progress is False else self._progress
         with _progress_bar(sink, sampler.num_steps, spec.name):
@@ -372,6 +418,13 @@ class Pipeline:
             raise ValueError(f"the tile size must be a multiple of {m} latent pixels; got {tiling.tile}")
         return TileGrid(tiling, height // self.vae_factor, width // self.vae_factor)
 
+    def seed_noise(self, seed: int, batch: int, height: int, width: int) -> np.ndarray:
+        """The initial noise ``run`` draws from ``seed`` for ``batch`` samples of ``height`` x ``width`` pixels:
+        (B, h, w, RGB + dense channels) float32."""
+        f = self.vae_factor
+        shape = (batch, height // f, width // f, sum(self.channels))
+        return np.asarray(jax.random.normal(_run_keys(seed)[0], shape, jnp.float32))
+
     def _initial_noise(self, init_noise, key, shape):
         if init_noise is None:
             return jax.random.normal(key, shape, jnp.float32)
@@ -395,6 +448,11 @@ def _fit_batch(array, batch, shape, name):
     return np.broadcast_to(a, (batch, *shape))
 
 
+def _run_keys(seed: int):
+    """(initial noise, VAE posterior sample, loop) keys of a run with ``seed``."""
+    return jax.random.split(jax.random.key(seed), 3)
+
+
 def _split_settings(settings: SampleSettings, kw: dict) -> tuple[SampleSettings, dict]:
     """A copy of ``settings`` with the ``SampleSettings`` fields of ``kw`` applied (``scheduler`` meaning
     ``sampler``), and the other keywords."""
@@ -403,16 +461,6 @@ def _split_settings(settings: SampleSettings, kw: dict) -> tuple[SampleSettings,
         kw["sampler"] = kw.pop("scheduler")
     fields = {k: v for k, v in kw.items() if k in SampleSettings.__dataclass_fields__ and k != "scheduler"}
     return SampleSettings(**{**settings.__dict__, **fields}), {k: v for k, v in kw.items() if k not in fields}
-
-
-def _resize(array, size, resample) -> np.ndarray:
-    """Resize (H, W) or (H, W, C) float maps channel by channel with PIL (float mode keeps the precision)."""
-    a = np.asarray(array, np.float32)
-    if a.shape[:2] == tuple(size):
-        return a
-    channels = [a] if a.ndim == 2 else list(np.moveaxis(a, -1, 0))
-    out = [np.asarray(Image.fromarray(c).resize(size[::-1], resample)) for c in channels]
-    return np.clip(out[0] if a.ndim == 2 else np.stack(out, -1), 0, 1)
 
 
 @contextlib.contextmanager

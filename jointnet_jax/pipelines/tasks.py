@@ -41,8 +41,10 @@ class Task:
         if missing:
             names = [modality if n == "depth" else _NAMES.get(n, n) for n in missing]
             raise ValueError(f"task {self.name!r} needs an input {' and '.join(names)}")
-        if not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        if strength == 0.0 and not self.has_known:
+            raise ValueError(f"strength 0 keeps the inputs as they are, and {self.name} has none")
         if self.strength == "noise" and strength != 1.0:
             raise ValueError(f"strength < 1 needs an input image or depth (SDEdit); {self.name} starts from noise")
         if self.strength == "sdedit" and strength == 1.0:

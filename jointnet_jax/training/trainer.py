@@ -49,10 +49,13 @@ class Stopped(Exception):
     of going on with an unfinished model; ``history`` holds the steps that call ran."""
 
     def __init__(self, step: int, total: int, workdir: Path, history: list[dict]):
-        super().__init__(
-            f"stopped by SIGTERM at step {step} of {total}; its checkpoint is saved in {workdir / 'checkpoints'}, "
-            "and rerunning the same command resumes from it"
-        )
+        if step:
+            kept = (
+                f"its checkpoint is saved in {workdir / 'checkpoints'}, and rerunning the same command resumes from it"
+            )
+        else:
+            kept = "nothing was trained or saved yet, and rerunning the same command starts it again"
+        super().__init__(f"stopped by SIGTERM at step {step} of {total}; {kept}")
         self.step, self.total, self.history = step, total, history
 
 
@@ -95,7 +98,16 @@ class Trainer:
         if config.batch_size % jax.device_count():
             raise ValueError(f"batch_size {config.batch_size} must be divisible by the {jax.device_count()} devices")
         self.lock = WorkdirLock(self.workdir)  # released when train() ends; taken again by the next train()
-        self.lock.acquire()
+        self._stop_requested, self._previous_handler = False, None
+        try:
+            self._hold()
+            self._setup(config)
+        except BaseException:  # a trainer that could not be built does not keep the workdir
+            self._let_go()
+            raise
+
+    def _setup(self, config):
+        """Models, optimizer, data, checkpoints (resumed) and the train step, placed on the mesh."""
         self.mesh = sh.make_mesh(config.mesh.data, config.mesh.fsdp)
         self.stage = get_stage(config.stage)
         self.models = m = build_models(config, self.workdir)
@@ -116,7 +128,23 @@ class Trainer:
             donate_argnums=(0,),
         )
         self._compiled, self.flops, self.step_memory, self._eval_fn = None, None, None, None
-        self._stop_requested = False
+
+    def _hold(self) -> None:
+        """Take the workdir: SIGTERM now asks for a stop at the next safe point (after the current step's
+        checkpoint, or before the first step), then the lock is taken. The handler comes first so that a
+        signal sent once ``WORKDIR/LOCK`` exists is never the default, immediate kill."""
+        if self._previous_handler is None:
+            self._previous_handler = signal.signal(signal.SIGTERM, self._request_stop)
+        if not self.lock.held:
+            self.lock.acquire()
+
+    def _let_go(self) -> None:
+        """Release the workdir and give SIGTERM back to whoever handled it before."""
+        self.lock.release()
+        self._stop_requested = False  # acted on: a later train() call of this trainer runs again
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None
 
     def _shardings(self, tree):
         return sh.tree_shardings(tree, self.mesh, self.config.mesh.min_fsdp_size)
@@ -227,8 +255,7 @@ class Trainer:
         """Train to ``config.total_steps`` (or ``num_steps`` more) and export; returns the per-step metrics.
         SIGTERM saves a checkpoint after the current step and raises ``Stopped``; a non-finite loss raises
         FloatingPointError with the last good checkpoint kept. The workdir lock is held meanwhile."""
-        if not self.lock.held:
-            self.lock.acquire()
+        self._hold()
         try:
             history = self._train_loop(num_steps)
             if self._stop_requested:
@@ -246,22 +273,22 @@ class Trainer:
                 "unfinished save is removed on the next start). Free some space and rerun to resume"
             ) from e
         finally:
-            self.lock.release()
+            self._let_go()
 
     def _train_loop(self, num_steps: int | None) -> list[dict]:
         c = self.config
         start = int(self.state.step)
         end = c.total_steps if num_steps is None else min(c.total_steps, start + num_steps)
         writer, history = Writer(self.workdir / "tensorboard"), []
-        self._stop_requested = False
-        previous = signal.signal(signal.SIGTERM, self._request_stop)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=end, initial=start, desc="train", unit="step", disable=jax.process_index() != 0)
         try:
-            if c.eval_every and start == 0:
+            if c.eval_every and start == 0 and not self._stop_requested:
                 self._record_eval(0, writer)
             for step in range(start + 1, end + 1):
+                if self._stop_requested:  # asked before this call's first step: nothing new to save
+                    break
                 history.append(self._train_step(step, end, writer))
                 bar.update(1)
                 bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
@@ -271,7 +298,6 @@ class Trainer:
         finally:
             bar.close()
             _finish(self.manager.wait_until_finished, writer.close)
-            signal.signal(signal.SIGTERM, previous)
         return history
 
     def _train_step(self, step: int, end: int, writer: Writer) -> dict:
