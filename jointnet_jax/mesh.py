@@ -24,13 +24,12 @@ into "rubber sheets".
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import trimesh
 
-from jointnet_jax.io_utils import atomic_write, read_depth, read_image
+from jointnet_jax.io_utils import atomic_write
 
 # A triangle whose vertex distances differ by more than this factor spans a depth edge. 1.1 keeps smooth
 # surfaces down to grazing angles: a floor seen at elevation theta changes distance per row by about
@@ -150,52 +149,3 @@ def save_mesh(mesh: trimesh.Trimesh, path) -> Path:
     data = mesh.export(file_type=fmt)
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
     return path
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the mesh options to ``parser`` (so a larger CLI can mount this as a subcommand)."""
-    parser.add_argument("--rgb", required=True, help="panorama RGB image")
-    parser.add_argument("--depth", required=True, help="inverse depth in [0,1]: 8/16-bit PNG or .npy")
-    parser.add_argument("--out", required=True, help="output mesh, .glb or .ply")
-    parser.add_argument("--span", type=float, default=360.0, help="horizontal field of view, degrees")
-    parser.add_argument("--scale", type=float, default=1.0, help="distance = 1 / (v * scale + shift)")
-    parser.add_argument("--shift", type=float, default=0.0, help="distance = 1 / (v * scale + shift)")
-    parser.add_argument("--near", type=float, default=1e-5, help="minimum distance")
-    parser.add_argument("--far", type=float, default=1e5, help="maximum distance")
-    parser.add_argument("--projection", choices=PROJECTIONS, default="cylindrical")
-    parser.add_argument(
-        "--wrap",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="join the last column to the first (default: when --span is 360)",
-    )
-    parser.add_argument(
-        "--max-depth-ratio",
-        type=float,
-        default=DEFAULT_MAX_DEPTH_RATIO,
-        help="drop triangles whose vertex distances differ by more than this factor; 0 keeps all",
-    )
-    return parser
-
-
-def run(args: argparse.Namespace) -> Path:
-    """Build and save the mesh described by parsed :func:`add_arguments` options; returns the output."""
-    rgb, depth = read_image(args.rgb), read_depth(args.depth)
-    if rgb.shape[:2] != depth.shape:
-        raise ValueError(
-            f"size mismatch: {args.rgb} is {rgb.shape[0]}x{rgb.shape[1]} but {args.depth} is "
-            f"{depth.shape[0]}x{depth.shape[1]} (HxW)"
-        )
-    mesh = panorama_to_mesh(
-        rgb,
-        depth,
-        span=args.span,
-        wrap=args.wrap,
-        scale=args.scale,
-        shift=args.shift,
-        near=args.near,
-        far=args.far,
-        projection=args.projection,
-        max_depth_ratio=args.max_depth_ratio or None,
-    )
-    return save_mesh(mesh, args.out)

@@ -139,6 +139,12 @@ def _photo_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--ensemble", type=cli.POSITIVE_INT, default=1, help="samples per photo, aligned and merged")
     p.add_argument("--batch-size", type=cli.POSITIVE_INT, default=1, help="photos of one size per model call")
+    p.add_argument(
+        "--init-depth-model",
+        help="refine this DPT model's depth instead of starting from noise (paper Tab. 6; a transformers "
+        "DPTForDepthEstimation folder or Hub id such as Intel/dpt-hybrid-midas, run as the labelling job does; "
+        "needs torch: the label extra)",
+    )
 
 
 def _tiling_args(p: argparse.ArgumentParser, mode: str):
@@ -172,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["refine"].add_argument(
         "--scale", type=cli.number(low=0, above=True), default=2.0, help="output size / input size"
     )
-    mesh.add_arguments(sub.add_parser("mesh", help="RGBD panorama -> GLB/PLY mesh"))
+    _mesh_args(sub.add_parser("mesh", help="RGBD panorama -> GLB/PLY mesh"))
     return parser
 
 
@@ -251,7 +257,9 @@ def run_photos(args) -> list[Path]:
     if len(prompts) > 1:
         raise ValueError(f"depth takes one prompt for all photos, got {len(prompts)}")
     settings, failures = _settings(args), {}
-    items = [item for item in (_photo(path, args, failures, len(files) == 1) for path in files) if item is not None]
+    estimate = _depth_estimator(args)
+    items = [_photo(path, args, failures, len(files) == 1, estimate) for path in files]
+    items = [item for item in items if item is not None]
     pipe = Pipeline.from_pretrained(args.base, args.model, dtype=cli.jax_dtype(args.dtype), modality=args.modality)
     request = photos.Request(settings, (prompts or [""])[0], args.processing_resolution, args.ensemble, args.batch_size)
     record, written = _record(args, settings, None), []
@@ -283,16 +291,32 @@ def _check_unique_stems(files: list[Path]) -> None:
         seen[f.stem] = f
 
 
-def _photo(path: Path, args, failures: dict, single: bool):
+def _depth_estimator(args):
+    """``--init-depth-model``: a function photo path -> its DPT depth (normalised inverse depth at the photo's
+    size, as the labelling job stores it), or None without the flag."""
+    if not args.init_depth_model:
+        return None
+    if args.init_depth:
+        raise ValueError("give --init-depth or --init-depth-model, not both")
+    if args.modality != "depth":
+        raise ValueError("--init-depth-model predicts depth; it cannot start --modality normal")
+    try:
+        from jointnet_jax.data.depth_estimator import DepthEstimator
+    except ImportError as e:
+        raise ImportError(f"--init-depth-model needs torch and transformers (pip install -e '.[label]'): {e}") from e
+    estimator = DepthEstimator.from_pretrained(args.init_depth_model)
+    return lambda path: estimator([io_utils.decode_rgb8(Path(path).read_bytes(), path)])[0][0]
+
+
+def _photo(path: Path, args, failures: dict, single: bool, estimate=None):
     """The ``photos.Photo`` of one file (its size read from the header), or None with the failure noted."""
     from jointnet_jax.pipelines import photos
 
     try:
         init = _init_depth_file(path, args, single) if args.init_depth else None
         reader = io_utils.read_image if args.modality == "normal" else io_utils.read_depth
-        return photos.Photo(
-            str(path), io_utils.image_size(path), lambda: io_utils.read_image(path), init and (lambda: reader(init))
-        )
+        load_init = (lambda: reader(init)) if init else (lambda: estimate(path)) if estimate else None
+        return photos.Photo(str(path), io_utils.image_size(path), lambda: io_utils.read_image(path), load_init)
     except (ValueError, FileNotFoundError) as e:
         failures[path] = str(e)
         print(f"error: {e}", file=sys.stderr)
@@ -317,7 +341,7 @@ def _init_depth_file(photo: Path, args, single: bool) -> Path:
 
 def _record(args, settings, tiling) -> dict:
     """What the run was, written next to every sample."""
-    names = ("image", "depth", "mask", "depth_mask", "init_noise", "init_depth")
+    names = ("image", "depth", "mask", "depth_mask", "init_noise", "init_depth", "init_depth_model")
     return {
         "task": args.command,
         "preset": args.preset,
@@ -327,7 +351,7 @@ def _record(args, settings, tiling) -> dict:
         "modality": args.modality,
         "dtype": args.dtype,
         "tiling": None if tiling is None else dataclasses.asdict(tiling),
-        "inputs": {k: str(Path(getattr(args, k)).resolve()) for k in names if getattr(args, k, None)},
+        "inputs": {k: _source(getattr(args, k)) for k in names if getattr(args, k, None)},
     }
 
 
@@ -343,10 +367,63 @@ def _tiling(args, pipe):
     return pipe.native_tiling(args.tiling, args.tile, **overrides)
 
 
+def _mesh_args(parser: argparse.ArgumentParser) -> None:
+    """The ``mesh`` options (``mesh.panorama_to_mesh``'s arguments), every number checked finite and in range."""
+    positive = cli.number(low=0, above=True)
+    parser.add_argument("--rgb", required=True, help="panorama RGB image")
+    parser.add_argument("--depth", required=True, help="inverse depth in [0,1]: 8/16-bit PNG or .npy")
+    parser.add_argument("--out", required=True, help="output mesh, .glb or .ply")
+    parser.add_argument(
+        "--span", type=cli.number(low=0, high=360, above=True), default=360.0, help="horizontal field of view, degrees"
+    )
+    parser.add_argument("--scale", type=cli.number(), default=1.0, help="distance = 1 / (v * scale + shift)")
+    parser.add_argument("--shift", type=cli.number(), default=0.0, help="distance = 1 / (v * scale + shift)")
+    parser.add_argument("--near", type=positive, default=1e-5, help="minimum distance")
+    parser.add_argument("--far", type=positive, default=1e5, help="maximum distance")
+    parser.add_argument("--projection", choices=mesh.PROJECTIONS, default="cylindrical")
+    parser.add_argument(
+        "--wrap",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="join the last column to the first (default: when --span is 360)",
+    )
+    parser.add_argument(
+        "--max-depth-ratio",
+        type=cli.NON_NEGATIVE,
+        default=mesh.DEFAULT_MAX_DEPTH_RATIO,
+        help="drop triangles whose vertex distances differ by more than this factor; 0 keeps all",
+    )
+
+
+def run_mesh(args: argparse.Namespace) -> Path:
+    """Build and save the mesh the ``mesh`` options describe; returns the output path."""
+    rgb, depth = io_utils.read_image(args.rgb), io_utils.read_depth(args.depth)
+    if rgb.shape[:2] != depth.shape:
+        raise ValueError(
+            f"size mismatch: {args.rgb} is {rgb.shape[0]}x{rgb.shape[1]} but {args.depth} is "
+            f"{depth.shape[0]}x{depth.shape[1]} (HxW)"
+        )
+    if args.near >= args.far:
+        raise ValueError(f"--near {args.near:g} must be below --far {args.far:g}")
+    built = mesh.panorama_to_mesh(
+        rgb,
+        depth,
+        span=args.span,
+        wrap=args.wrap,
+        scale=args.scale,
+        shift=args.shift,
+        near=args.near,
+        far=args.far,
+        projection=args.projection,
+        max_depth_ratio=args.max_depth_ratio or None,
+    )
+    return mesh.save_mesh(built, args.out)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "mesh":
-        return cli.run(lambda: print(f"wrote {mesh.run(args)}"))
+        return cli.run(lambda: print(f"wrote {run_mesh(args)}"))
     return cli.run(lambda: run_command(args))
 
 

@@ -62,6 +62,18 @@ def broadcast_from_process0(value: np.ndarray) -> np.ndarray:
     return np.asarray(multihost.broadcast_one_to_all(value))
 
 
+def all_processes_agree(ok: bool, name: str) -> bool:
+    """Whether ``ok`` holds on every process (after a :func:`sync_processes` barrier named ``name``): a
+    decision all processes must take alike, such as "this checkpoint could be read", when one process alone
+    may have failed."""
+    if jax.process_count() == 1:
+        return bool(ok)
+    sync_processes(name)
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(bool(ok)))))
+
+
 def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
     """A (data, fsdp) mesh over all global devices; -1 on one axis means "the rest"."""
     n = jax.device_count()

@@ -37,6 +37,37 @@ def test_sample_numeric_flags_are_checked(flag, value, message, tmp_path, capsys
     assert f"argument {flag}: {message}" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--span", "nan", "'nan' is not a finite number"),
+        ("--span", "400", "400 must be <= 360"),
+        ("--near", "0", "0 must be > 0"),
+        ("--far", "inf", "'inf' is not a finite number"),
+        ("--shift", "nan", "'nan' is not a finite number"),
+        ("--max-depth-ratio", "-1", "-1 must be >= 0"),
+    ],
+)
+def test_mesh_numeric_flags_are_checked(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        sample.main(["mesh", "--rgb", "r.png", "--depth", "d.png", "--out", "m.glb", flag, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: {message}" in err and "Traceback" not in err
+
+
+def test_depth_photo_flags_are_checked(capsys):
+    photos = ["depth", "--base", "b", "--model", "m", "--image", "p/", "--out", "o"]
+    for flag, value, message in [
+        ("--ensemble", "0", "0 must be >= 1"),
+        ("--batch-size", "nan", "'nan' is not an integer"),
+        ("--processing-resolution", "-1", "-1 must be >= 0"),
+    ]:
+        with pytest.raises(SystemExit):
+            sample.main([*photos, flag, value])
+        assert f"argument {flag}: {message}" in capsys.readouterr().err
+
+
 def test_strength_and_evaluation_flags_are_checked(tmp_path, capsys):
     depth = ["depth", "--base", "b", "--model", "m", "--prompt", "x", "--image", "i.png", "--out", str(tmp_path)]
     for argv, message in [

@@ -165,3 +165,23 @@ def test_list_images_takes_a_file_a_folder_or_a_glob_and_image_size_is_as_displa
     (tmp_path / "bad.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="cannot read image .*bad.png"):
         io_utils.image_size(tmp_path / "bad.png")
+
+
+def test_palette_cmyk_webp_and_tiff_are_read_as_rgb(tmp_path):
+    """Palette and CMYK images come out as the RGB colours Pillow converts them to; WebP (lossless) and TIFF
+    keep their RGB pixels."""
+    rgb = np.random.default_rng(0).integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    palette = Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE, colors=8)
+    palette.save(tmp_path / "p.png")
+    cmyk = Image.fromarray(rgb).convert("CMYK")
+    cmyk.save(tmp_path / "c.tif")
+    Image.fromarray(rgb).save(tmp_path / "w.webp", lossless=True)
+    Image.fromarray(rgb).save(tmp_path / "t.tiff")
+    np.testing.assert_array_equal(
+        io_utils.read_image(tmp_path / "p.png"), np.float32(np.asarray(palette.convert("RGB")) / 255)
+    )
+    np.testing.assert_array_equal(
+        io_utils.read_image(tmp_path / "c.tif"), np.float32(np.asarray(cmyk.convert("RGB")) / 255)
+    )
+    for name in ("w.webp", "t.tiff"):
+        np.testing.assert_array_equal(io_utils.read_image(tmp_path / name), (rgb / 255).astype(np.float32))

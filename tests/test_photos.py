@@ -8,6 +8,7 @@ native size 16 px. Runs use 2 steps and cfg 1, so the compiled loops are small a
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,7 +121,8 @@ def test_mixed_sizes_compile_once_per_processing_size(pipe, traces):
 
 def _write_photos(folder):
     """The files users bring: a 640x480 JPEG, a 1242x375 PNG, a phone JPEG stored 640x480 with EXIF orientation
-    6 (displayed 480 wide, 640 high), a greyscale JPEG, an RGBA PNG, a 16-bit PNG, and a truncated JPEG."""
+    6 (displayed 480 wide, 640 high), a greyscale JPEG, an RGBA PNG, a 16-bit PNG, a palette PNG, a CMYK JPEG,
+    a WebP, a TIFF, and a truncated JPEG."""
     rng = np.random.default_rng(0)
     rgb = lambda h, w: rng.integers(0, 256, (h, w, 3), dtype=np.uint8)  # noqa: E731
     folder.mkdir()
@@ -132,15 +134,13 @@ def _write_photos(folder):
     Image.fromarray(rgb(480, 640)[..., 0]).save(folder / "grey.jpg")
     Image.fromarray(np.concatenate([rgb(480, 640), rgb(480, 640)[..., :1]], -1), "RGBA").save(folder / "alpha.png")
     Image.fromarray(rng.integers(0, 65536, (375, 1242), dtype=np.uint16)).save(folder / "deep.png")
+    Image.fromarray(rgb(480, 640)).convert("P", palette=Image.ADAPTIVE, colors=16).save(folder / "palette.png")
+    Image.fromarray(rgb(480, 640)).convert("CMYK").save(folder / "print.jpg")
+    Image.fromarray(rgb(480, 640)).save(folder / "web.webp")
+    Image.fromarray(rgb(480, 640)).save(folder / "scan.tif")
     (folder / "broken.jpg").write_bytes((folder / "nyu.jpg").read_bytes()[:2000])
-    return {
-        "nyu": (480, 640),
-        "kitti": (375, 1242),
-        "phone": (640, 480),
-        "grey": (480, 640),
-        "alpha": (480, 640),
-        "deep": (375, 1242),
-    }
+    landscape = {name: (480, 640) for name in ("nyu", "grey", "alpha", "palette", "print", "web", "scan")}
+    return landscape | {"kitti": (375, 1242), "deep": (375, 1242), "phone": (640, 480)}
 
 
 def test_cli_folder_of_mixed_photos(models, pipe, tmp_path, traces, capsys):
@@ -154,7 +154,7 @@ def test_cli_folder_of_mixed_photos(models, pipe, tmp_path, traces, capsys):
     capsys.readouterr()
     assert sample.main(args) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(err) == 2 and "broken.jpg" in err[0] and err[1].startswith("error: 1 of 7 photos failed (")
+    assert len(err) == 2 and "broken.jpg" in err[0] and err[1].startswith("error: 1 of 11 photos failed (")
     assert len(traces) == 3  # (12, 16), (4, 16), (16, 12)
     expected = {f"{s}{suffix}" for s in sizes for suffix in ("_depth.png", "_depth_color.png", ".npy", ".json")}
     assert {p.name for p in out.iterdir()} == expected
@@ -164,7 +164,7 @@ def test_cli_folder_of_mixed_photos(models, pipe, tmp_path, traces, capsys):
         assert depth.shape == size and depth.dtype == np.float32, stem
         np.testing.assert_allclose(io_utils.read_depth(out / f"{stem}_depth.png"), depth, atol=0.5 / 65535 + 1e-7)
         record = json.loads((out / f"{stem}.json").read_text())
-        assert record["input_size"] == list(size) and record["input"].endswith(stem + record["input"][-4:])
+        assert record["input_size"] == list(size) and Path(record["input"]).stem == stem
     api = pipe.depth(io_utils.read_image(tmp_path / "photos" / "phone.jpg"), **API)
     np.testing.assert_allclose(np.load(out / "phone.npy"), api["depth"], atol=1e-6)
 
@@ -201,3 +201,29 @@ def test_normals_from_a_photo(models, tmp_path):
     )
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["n.json", "n.npy", "n_normal.png"]
     assert np.load(tmp_path / "o" / "n.npy").shape == (20, 30, 3)
+
+
+def test_cli_refines_a_dpt_estimate(models, pipe, tmp_path):
+    """``--init-depth-model``: the labelling job's DPT estimator predicts each photo's depth, which is then
+    refined; at strength 0 the output is exactly that DPT depth through the VAE, as the API gives it."""
+    import torch
+    import transformers
+
+    from jointnet_jax.data.depth_estimator import DepthEstimator, tiny_hybrid_config
+
+    torch.manual_seed(0)
+    dpt = transformers.DPTForDepthEstimation(tiny_hybrid_config(32))
+    with torch.no_grad():  # a random head ends in a ReLU and barely varies: lift and spread its output
+        dpt.head.head[-2].bias.fill_(0.5)
+        dpt.head.head[-2].weight.mul_(300.0)
+    dpt.save_pretrained(tmp_path / "dpt")
+    transformers.DPTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "dpt")
+    io_utils.write_png_rgb(tmp_path / "a.png", _image((64, 48), 4))
+    args = ["depth", "--base", str(models["base"]), "--model", str(models["twin"]), "--steps", str(STEPS)]
+    args += ["--seed", str(SEED), "--image", str(tmp_path / "a.png"), "--init-depth-model", str(tmp_path / "dpt")]
+    assert sample.main([*args, "--strength", "0", "--out", str(tmp_path / "o")]) == 0
+    rgb8 = np.asarray(Image.open(tmp_path / "a.png").convert("RGB"))
+    estimate = DepthEstimator.from_pretrained(str(tmp_path / "dpt"))([rgb8])[0][0]
+    assert estimate.shape == (64, 48) and np.ptp(estimate) > 0.1
+    api = pipe.depth(io_utils.read_image(tmp_path / "a.png"), init_depth=estimate, strength=0.0, **API)
+    np.testing.assert_allclose(np.load(tmp_path / "o" / "a.npy"), api["depth"], atol=1e-6)

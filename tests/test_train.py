@@ -485,6 +485,27 @@ def test_resume_skips_a_damaged_latest_checkpoint(stage1, tmp_path, caplog):
     np.testing.assert_allclose([h["loss"] for h in history], [expected[5], expected[6]], rtol=1e-5)
 
 
+def test_a_checkpoint_another_process_cannot_read_is_set_aside_on_all(stage1, tmp_path, caplog, monkeypatch):
+    """Multi-host resume agrees: when this process reads the latest checkpoint (6) but another one does not
+    (``all_processes_agree`` is False for it), 6 is set aside here too and every process resumes from 4."""
+    from jointnet_jax.training import checkpoints
+
+    workdir = tmp_path / "run"
+    shutil.copytree(stage1[0].workdir, workdir, ignore=shutil.ignore_patterns("export"))
+    votes = []
+    monkeypatch.setattr(
+        checkpoints.sh, "all_processes_agree", lambda ok, name: votes.append((ok, name)) or ok and name != "restored_6"
+    )
+    with caplog.at_level("WARNING"):
+        resumed = Trainer(_config(), workdir)
+    assert int(resumed.state.step) == 4 and votes == [(True, "restored_6"), (True, "restored_4")]
+    warnings = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    assert len(warnings) == 1 and "another process could not read it" in warnings[0]
+    assert resumed.manager.all_steps() == [2, 4] and (workdir / "checkpoints_damaged" / "6").is_dir()
+    resumed.close()
+    assert not (workdir / "LOCK").exists()
+
+
 def test_a_full_disk_is_one_sentence_naming_what_was_kept(tmp_path):
     """A real ENOSPC from the OS (``metrics.jsonl`` is ``/dev/full``) at the first logged step: one DiskFull
     sentence saying which checkpoints are kept, the cleanup's own failure does not replace it, and the lock

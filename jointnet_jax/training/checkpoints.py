@@ -96,8 +96,10 @@ def restore_newest_good(manager: ocp.CheckpointManager, abstract_state, data_ite
 
     Each candidate is verified by orbax's metadata and a full read. One that fails (a truncated or missing
     file, say) is moved to ``damaged/<step>`` with one warning naming it, never deleted, and the next older
-    one is tried. A checkpoint whose arrays are not those of ``abstract_state`` (another model or optimizer:
-    the config changed) is an error, not damage: nothing is moved.
+    one is tried. With several processes a checkpoint is good only when every process read it (one host may
+    fail alone), so all of them resume from the same step. A checkpoint whose arrays are not those of
+    ``abstract_state`` (another model or optimizer: the config changed) is an error, not damage: nothing is
+    moved.
     """
     expected, moved = _leaf_shapes(abstract_state), []
     for step in sorted(manager.all_steps(), reverse=True):
@@ -111,11 +113,16 @@ def restore_newest_good(manager: ocp.CheckpointManager, abstract_state, data_ite
                 f"checkpoint {path} holds a different training state ({len(stored)} arrays) than this config "
                 f"builds ({len(expected)}); resume with the config it was written with, or use a new workdir"
             )
+        state = None
         if stored is not None:
             try:
-                return step, restore(manager, step, abstract_state, data_iterator)
+                state = restore(manager, step, abstract_state, data_iterator)
             except Exception as e:  # noqa: BLE001 - a failed read of a matching checkpoint is damage
                 error = e
+        if sh.all_processes_agree(state is not None, f"restored_{step}"):
+            return step, state
+        if state is not None:
+            error = RuntimeError("another process could not read it")
         moved.append(_set_aside(manager, path, damaged / str(step)))
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         logging.warning(

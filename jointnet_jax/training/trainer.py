@@ -138,6 +138,10 @@ class Trainer:
         if not self.lock.held:
             self.lock.acquire()
 
+    def close(self) -> None:
+        """Let go of the workdir (its lock and the SIGTERM handler) without training; ``train`` takes it again."""
+        self._let_go()
+
     def _let_go(self) -> None:
         """Release the workdir and give SIGTERM back to whoever handled it before."""
         self.lock.release()
