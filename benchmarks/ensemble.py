@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -53,7 +52,7 @@ def main(argv=None) -> int:
     pipe = jj.Pipeline.from_pretrained(args.demo / "base" / "export", str(args.demo / "jointnet" / "export"))
     first = config.data.synthetic_num + config.data.synthetic_eval_num + config.demo.num_scenes
     held_out = scenes(config, first, args.scenes)
-    print(f"host {platform.node()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"host: this container, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}", flush=True)
     print(f"reference: 1024^2 fp32 matmul {matmul_reference() * 1e3:.2f} ms", flush=True)
     print("| K | AbsRel | delta1 | mean uncertainty | s per scene |\n|---|---|---|---|---|")
     for k in args.k:
