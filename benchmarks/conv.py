@@ -1,9 +1,10 @@
-"""One 3x3 convolution on CPU: XLA's convolution vs the same conv written as im2col + one dot, vs torch.
+"""One 3x3 convolution on CPU: XLA's convolution, im2col + one dot, the project's conv, and torch.
 
 Why this exists: the SD2.1-shaped training step spends a quarter of its time in XLA CPU's reversed-kernel copies
 and is slow in wide convs at tiny spatial sizes (RESULTS.md, "Where the JAX step time goes"). This measures
 whether an im2col formulation would be a better CPU conv path, per shape, for the forward, the input gradient
-(frozen kernel, as in the RGB branch) and the input + kernel gradient (trained branch).
+(frozen kernel, as in the RGB branch) and the input + kernel gradient (trained branch). ``project`` is
+``jointnet_jax.models.conv.conv2d``: XLA's forward with the dot backward (a ``custom_vjp``).
 
     python benchmarks/conv.py                                     # the default shapes
     python benchmarks/conv.py --shapes 1x8x1280 16x32x32          # batch x side x channels
@@ -51,7 +52,12 @@ def jax_convs():
         patches = jnp.concatenate([xp[:, i : i + h, j : j + w] for i in range(3) for j in range(3)], axis=-1)
         return patches @ k.reshape(9 * c, -1)
 
-    return {"xla": xla, "im2col": im2col}
+    def project(x, k):
+        from jointnet_jax.models.conv import conv2d
+
+        return conv2d(x, k, (1, 1), ((1, 1), (1, 1)))
+
+    return {"xla": xla, "im2col": im2col, "project": project}
 
 
 def time_jax(conv, x, k) -> dict:

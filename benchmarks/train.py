@@ -44,6 +44,7 @@ MFU = trainer.flops / step time / the device's dense bf16 peak (``metrics.device
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import tempfile
@@ -53,6 +54,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from photos import matmul_reference  # noqa: E402
 from sample import machine, run_child  # noqa: E402
 from twin_forward import SD21_UNET_CONFIG, RandomTensors, emit, peak_rss_bytes, report, rss_bytes  # noqa: E402
 
@@ -247,6 +249,10 @@ def part_jax(args) -> None:
         attention.dot_product_attention = lambda q, k, v, *, upcast=False, impl="auto": original(
             q, k, v, upcast=upcast, impl=args.attention
         )
+    if args.conv_backward == "xla":  # benchmark-only: the code path before models/conv.py's dot backward
+        from jointnet_jax.models import conv
+
+        conv.DOT_BACKWARD_MIN_CHANNELS = 1 << 30
     config = train_config(args)
     t0 = time.perf_counter()
     try:
@@ -296,6 +302,7 @@ def part_jax(args) -> None:
         finite=bool(np.isfinite(losses).all()),
         peak_rss_gb=round(peak_rss_bytes() / 1e9, 2),
         backend=jax.default_backend(),
+        matmul_ms=round(matmul_reference() * 1e3, 2),
     )
     if args.device == "gpu":
         stats = jax.local_devices()[0].memory_stats() or {}
@@ -313,6 +320,7 @@ def common_fields(args) -> dict:
         device=args.device,
         attention=getattr(args, "attention", "auto"),
         xla_flags=getattr(args, "xla_flags", "default"),
+        conv_backward=getattr(args, "conv_backward", "project"),
     )
 
 
@@ -458,13 +466,13 @@ def mem_available_gb() -> float:
 
 def table(records: list[dict]) -> str:
     lines = [
-        "| config, resolution, batch, remat, dtype, device | impl | XLA flags | step (s) | examples/s | compile (s) "
-        "| TFLOP/step | MFU | XLA temp (GB) | peak RSS (GB) | peak device (GB) | load |",
+        "| config, resolution, batch, remat, dtype, device | impl | XLA flags, conv backward | step (s) | examples/s "
+        "| compile (s) | TFLOP/step | MFU | XLA temp (GB) | peak RSS (GB) | peak device (GB) | load |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in (r for r in records if r.get("part") == "train" and ("step_s" in r or "temp_gb" in r)):
         impl = r["impl"] + (" (fallback)" if r.get("path") == "fallback" else "")
-        flags = r["xla_flags"] if r["impl"] == "jax" else "-"
+        flags = f"{r['xla_flags']}, {r.get('conv_backward', 'xla')}" if r["impl"] == "jax" else "-"
         step = r.get("step_s", "not run: " + r.get("skipped", ""))
         lines.append(
             f"| {r['config']}, {r['resolution']}², {r['batch']}, {r['remat']}, {r['dtype']}, {r['device']} | {impl} "
@@ -500,11 +508,19 @@ def main(argv=None) -> None:
         default=["default"],
         help="XLA_FLAGS sets for the JAX child, one run each",
     )
+    p.add_argument(
+        "--conv-backward",
+        choices=["project", "xla"],
+        nargs="+",
+        default=["project"],
+        help="JAX conv backward: the project's (models/conv.py) or XLA's own for every conv, one run each",
+    )
     p.add_argument("--force", action="store_true", help="run even if MemAvailable looks too small")
     p.add_argument("--part", choices=["jax", "torch"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.part:
         args.config, args.remat, args.xla_flags = args.config[0], args.remat[0], args.xla_flags[0]
+        args.conv_backward = args.conv_backward[0]
         {"jax": part_jax, "torch": part_torch}[args.part](args)
         return
 
@@ -533,9 +549,10 @@ def main(argv=None) -> None:
             child = ["--config", config, "--resolution", str(res), "--batch", str(batch), "--steps", str(args.steps)]
             child += ["--remat", remat, "--dtype", args.dtype, "--device", args.device, "--base-dir", str(base)]
             child += ["--threads", str(args.threads), "--attention", args.attention]
-            for name in args.xla_flags:
+            for name, conv in itertools.product(args.xla_flags, args.conv_backward):
                 env = {"XLA_FLAGS": " ".join([os.environ.get("XLA_FLAGS", ""), FLAG_SETS[name]]).strip()}
-                records += run_child(__file__, child + ["--xla-flags", name, "--part", "jax"], env=env)
+                jax_child = child + ["--xla-flags", name, "--conv-backward", conv, "--part", "jax"]
+                records += run_child(__file__, jax_child, env=env)
             if not args.skip_torch:
                 records += run_child(__file__, child + ["--part", "torch"])
     emit(dict(part="done", seconds=round(time.perf_counter() - t_start, 1)))

@@ -26,6 +26,7 @@ SCRIPTS = {
     "jointnet-evaluate": "jointnet_jax.evaluate:main",
     "jointnet-demo": "jointnet_jax.demo.__main__:cli",
     "jointnet-label": "jointnet_jax.data.label:cli",
+    "jointnet-cache-latents": "jointnet_jax.data.latents:cli",
 }
 
 
@@ -63,7 +64,7 @@ def test_no_file_points_outside_the_repository():
 
 
 def test_console_scripts_are_declared_and_run():
-    """``pip install`` (here: the editable install of ``make install``) puts the five scripts on PATH; each
+    """``pip install`` (here: the editable install of ``make install``) puts the six scripts on PATH; each
     shows its help. absl apps (train, demo) exit 1 after ``--help`` by absl's convention, argparse ones 0."""
     declared = {e.name: e.value for e in metadata.entry_points(group="console_scripts") if e.name in SCRIPTS}
     assert declared == SCRIPTS
@@ -74,6 +75,7 @@ def test_console_scripts_are_declared_and_run():
         ("jointnet-evaluate", "panorama"),
         ("jointnet-demo", "--out"),
         ("jointnet-label", "--depth-model"),
+        ("jointnet-cache-latents", "--resolution"),
     ]:
         result = subprocess.run([str(bin_dir / name), "--help"], capture_output=True, text=True, timeout=300)
         assert result.returncode in (0, 1) and expected in result.stdout, (name, result.stdout[-500:], result.stderr)

@@ -32,7 +32,8 @@ checked too, metadata may lie), watermark score < ``--max-watermark`` (0.5), aes
 off; ``--no-filter`` turns all off. A score that is missing passes its rule unless ``--drop-missing-metadata``.
 Metadata rules run before the image is read, so a listed-but-corrupt image that fails them counts as filtered.
 
-Pipeline: the inputs are listed at construction into work items, one per output shard
+Pipeline (its shard plumbing in ``jobs.py``, shared with the latent-cache job ``latents.py``): the inputs are
+listed at construction into work items, one per output shard
 ``{prefix}-{i:05d}-of-{n:05d}.array_record``; items whose shard already exists are skipped (resume: rerun
 the same command). The rest are spread over workers (``Reshuffle``) and :class:`LabelShardFn` labels each
 one streaming: read + decode + filter -> batches of ``--batch-size`` through the model (loaded once per
@@ -47,7 +48,6 @@ prints them with ``shards`` / ``shards_skipped`` as one JSON line at the end.
 from __future__ import annotations
 
 import argparse
-import collections
 import csv
 import dataclasses
 import glob
@@ -57,21 +57,15 @@ import logging
 import math
 import os
 import posixpath
-import re
-import secrets
-import shutil
 import tarfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.metrics import Metrics
-from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions
 from PIL import Image
 
-from jointnet_jax.data import records
+from jointnet_jax.data import jobs, records
 from jointnet_jax.io_utils import decode_rgb8
 
 NAMESPACE = "label"
@@ -303,19 +297,6 @@ def plan_work_items(inputs: list[str], input_format: str, out: str, prefix: str,
     ]
 
 
-def pending_work_items(items: list[WorkItem], out: str, prefix: str) -> list[WorkItem]:
-    """Items whose shard is not written yet; refuses an output folder holding another split of the input."""
-    pattern = re.compile(rf"^{re.escape(prefix)}-\d{{5,}}-of-(\d{{5,}}){re.escape(records.SHARD_SUFFIX)}$")
-    if os.path.isdir(out):
-        other = sorted(n for n in os.listdir(out) if (m := pattern.match(n)) and int(m[1]) != len(items))
-        if other:
-            raise FileExistsError(
-                f"{out} holds shards of a different split ({other[0]}, ...), not of {len(items)} shards; "
-                "rerun with the same input and --examples-per-shard, or use another --out/--prefix."
-            )
-    return [item for item in items if not os.path.exists(item.out)]
-
-
 def _failing(error: Exception) -> Callable[[], bytes]:
     def read() -> bytes:
         raise error
@@ -423,31 +404,24 @@ def label_shard(item: WorkItem, estimator, config: LabelConfig, count: Count) ->
     The image is resized to ``config.resolution`` first, so the depth is estimated on (and aligned with)
     exactly the stored pixels.
     """
-    out_dir, name = os.path.split(item.out)
-    temp_dir = os.path.join(out_dir, f".{name}.tmp-{secrets.token_hex(4)}")
-    try:
-        writer = records.ShardWriter(temp_dir, config.prefix, num_shards=1, image_format=config.image_format)
-        with writer:
-            for batch in _batches(iter_samples(item, config.rules, count), config.batch_size):
-                if config.resolution:
-                    for sample in batch:
-                        sample.image = resize_shorter_side(sample.image, config.resolution)
-                for sample, (depth, normal) in zip(batch, estimator([s.image for s in batch]), strict=True):
-                    example = records.Example(
-                        key=sample.key,
-                        caption=sample.caption,
-                        image=sample.image,
-                        depth=depth,
-                        normal=normal,
-                        watermark=sample.meta.get("watermark"),
-                        aesthetic=sample.meta.get("aesthetic"),
-                        clip_similarity=sample.meta.get("clip_similarity"),
-                        source=sample.source,
-                    )
-                    writer.write(example)
-        os.replace(writer.paths[0], item.out)
-    finally:
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with jobs.published_shard(item.out, config.prefix, config.image_format) as writer:
+        for batch in _batches(iter_samples(item, config.rules, count), config.batch_size):
+            if config.resolution:
+                for sample in batch:
+                    sample.image = resize_shorter_side(sample.image, config.resolution)
+            for sample, (depth, normal) in zip(batch, estimator([s.image for s in batch]), strict=True):
+                example = records.Example(
+                    key=sample.key,
+                    caption=sample.caption,
+                    image=sample.image,
+                    depth=depth,
+                    normal=normal,
+                    watermark=sample.meta.get("watermark"),
+                    aesthetic=sample.meta.get("aesthetic"),
+                    clip_similarity=sample.meta.get("clip_similarity"),
+                    source=sample.source,
+                )
+                writer.write(example)
     count("written", writer.shard_lengths[0])
     count("shards_written")
 
@@ -471,12 +445,7 @@ class LabelShardFn(beam.DoFn):
 
     def process(self, item: WorkItem):
         start = time.perf_counter()
-        counts = collections.Counter()
-
-        def count(name: str, value: int = 1) -> None:
-            counts[name] += value
-            Metrics.counter(NAMESPACE, name).inc(value)
-
+        count, counts = jobs.counter(NAMESPACE)
         label_shard(item, self.estimator, self.config, count)
         seconds = time.perf_counter() - start
         log.info(
@@ -502,23 +471,8 @@ def build_job(pipeline: beam.Pipeline, items: list[WorkItem], config: LabelConfi
     )
 
 
-def metric_counts(result) -> dict[str, int]:
-    """This job's counters from a finished ``PipelineResult`` (committed where the runner reports them)."""
-    counts = collections.Counter()
-    for counter in result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]:
-        counts[counter.key.metric.name] += counter.committed if counter.committed is not None else counter.attempted
-    return dict(counts)
-
-
 def _optional(kind: type) -> Callable[[str], float | int | None]:
     return lambda text: None if text.lower() == "none" else kind(text)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -534,10 +488,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--prefix", default="labelled", help="shard file-name prefix")
     parser.add_argument("--depth-model", required=True, help="DPTForDepthEstimation folder or hub id")
     parser.add_argument("--normal-model", help="DPT folder/hub id with a 3-channel (normal) head; no normals if unset")
-    parser.add_argument("--examples-per-shard", type=_positive, default=1000, help="inputs per shard (not wds)")
-    parser.add_argument("--batch-size", type=_positive, default=8)
-    parser.add_argument("--resolution", type=_positive, help="resize so the shorter side is this (default: keep)")
-    parser.add_argument("--estimate-size", type=_positive, help="square model input (default: processor's size)")
+    parser.add_argument("--examples-per-shard", type=jobs.positive, default=1000, help="inputs per shard (not wds)")
+    parser.add_argument("--batch-size", type=jobs.positive, default=8)
+    parser.add_argument("--resolution", type=jobs.positive, help="resize so the shorter side is this (default: keep)")
+    parser.add_argument("--estimate-size", type=jobs.positive, help="square model input (default: processor's size)")
     parser.add_argument("--percentile", type=float, default=0.0, help="normalise depth between p / 100-p pct")
     parser.add_argument("--image-format", choices=("png", "jpeg"), default="png", help="stored image encoding")
     parser.add_argument("--min-side", type=_optional(int), default=512, help="or 'none'")
@@ -566,16 +520,12 @@ def run(argv: list[str] | None = None) -> dict[str, int]:
         prefix=args.prefix,
     )
     items = plan_work_items(args.input, args.input_format, args.out, args.prefix, args.examples_per_shard)
-    todo = pending_work_items(items, args.out, args.prefix)
+    todo = jobs.pending_work_items(items, args.out, args.prefix)
     log.info("%d shards planned, %d already written, %d to label", len(items), len(items) - len(todo), len(todo))
     counts = dict.fromkeys(REPORTED, 0) | {"shards": len(items), "shards_skipped": len(items) - len(todo)}
     if todo:
         os.makedirs(args.out, exist_ok=True)
-        pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
-        build_job(pipeline, todo, config)
-        result = pipeline.run()
-        result.wait_until_finish()
-        counts |= metric_counts(result)
+        counts |= jobs.run_job(beam_args, lambda pipeline: build_job(pipeline, todo, config), NAMESPACE)
     return counts
 
 

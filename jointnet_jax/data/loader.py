@@ -36,6 +36,11 @@ Eval mode (``training=False``) reads each record once in file order with a centr
 crop and no flip. Every process yields ``ceil(ceil(len / n) / B)`` batches, the tail padded with
 ``valid=False`` rows, and corrupt records become ``valid=False`` rows instead of being dropped, so
 all hosts stay in step.
+
+:class:`LatentLoader` is the same pipeline over a latent cache (``latents.py`` writes it, the format is in
+``latent_records.py``): its elements are the cached posterior moments and text embeddings instead of pixels
+and token ids; positions, shuffling, process slots, corrupt-record counting and the iterator state are
+shared with :class:`Loader`.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ import numpy as np
 from absl import flags, logging
 from PIL import Image
 
-from jointnet_jax.data import records
+from jointnet_jax.data import latent_records, records
 
 MODALITIES = ("depth", "normal")
 _OK, _CORRUPT, _PADDING = 0, 1, 2
@@ -139,6 +144,51 @@ def _resize(array: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.
     return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, box=box))
 
 
+def held_out_box(height: int, width: int) -> tuple[int, int, int, int]:
+    """The held-out (``training=False``) crop: the centred largest square, as (left, top, right, bottom)."""
+    largest = min(height, width)
+    left, top = (width - largest) // 2, (height - largest) // 2
+    return left, top, left + largest, top + largest
+
+
+def draw_crop(config: LoaderConfig, height: int, width: int, rng: np.random.Generator):
+    """The crop box and flip of one example: :func:`held_out_box` and no flip when not training; else a
+    square of area fraction ``crop_scale`` at a uniform position and a flip with probability 1/2, drawn from
+    ``rng`` in that order."""
+    if not config.training:
+        return held_out_box(height, width), False
+    largest = min(height, width)
+    side = max(1, round(largest * math.sqrt(rng.uniform(*config.crop_scale))))
+    left = int(rng.integers(0, width - side + 1))
+    top = int(rng.integers(0, height - side + 1))
+    flip = bool(config.flip and rng.random() < 0.5)
+    return (left, top, left + side, top + side), flip
+
+
+def crop_map(array: np.ndarray, box, flip: bool, size: int, *, normal: bool = False) -> np.ndarray:
+    """One map (image, depth or encoded normals) cropped to ``box``, resized to ``size``² and flipped; a flip
+    of camera-space normals also negates their x component."""
+    array = _resize(array, box, size)
+    if flip:
+        array = np.ascontiguousarray(array[:, ::-1])
+        if normal:
+            array[..., 0] = 255 - array[..., 0]  # mirrored x: n_x -> -n_x, exact on (n + 1) * 127.5
+    return array
+
+
+def unit_range(maps: np.ndarray, name: str) -> np.ndarray:
+    """Stacked maps as the models see them: float32 in [-1, 1]; depth replicated to three channels."""
+    if name == "depth":
+        return np.repeat((maps * np.float32(2.0) - np.float32(1.0))[..., None], 3, axis=-1)
+    return maps.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def token_ids(tokenizer, caption: str, max_length: int) -> np.ndarray:
+    """A caption's token ids (max_length,) int32, padded and truncated."""
+    ids = tokenizer(caption, padding="max_length", max_length=max_length, truncation=True)["input_ids"]
+    return np.asarray(ids, np.int32)
+
+
 class _Load:
     """Record (index, position) -> augmented element; runs in grain workers, so it must pickle."""
 
@@ -164,17 +214,6 @@ class _Load:
             element["input_ids"] = np.zeros(self.config.max_length, np.int32)
         return element
 
-    def _crop(self, height: int, width: int, rng: np.random.Generator) -> tuple[tuple[int, int, int, int], bool]:
-        largest = min(height, width)
-        if not self.config.training:
-            left, top = (width - largest) // 2, (height - largest) // 2
-            return (left, top, left + largest, top + largest), False
-        side = max(1, round(largest * math.sqrt(rng.uniform(*self.config.crop_scale))))
-        left = int(rng.integers(0, width - side + 1))
-        top = int(rng.integers(0, height - side + 1))
-        flip = bool(self.config.flip and rng.random() < 0.5)
-        return (left, top, left + side, top + side), flip
-
     def __call__(self, item: tuple[int, int]) -> dict[str, Any]:
         index, position = item
         if index < 0:
@@ -187,13 +226,10 @@ class _Load:
                 raise records.RecordError(f"record has no {modality} map.")
         except records.RecordError as error:
             return self.placeholder(index, _CORRUPT, str(error))
-        box, flip = self._crop(example.height, example.width, np.random.default_rng([self.config.seed, position]))
-        image = _resize(example.image, box, self.config.resolution)
-        dense = _resize(dense, box, self.config.resolution)
-        if flip:
-            image, dense = np.ascontiguousarray(image[:, ::-1]), np.ascontiguousarray(dense[:, ::-1])
-            if modality == "normal":
-                dense[..., 0] = 255 - dense[..., 0]  # mirrored x: n_x -> -n_x, exact on (n + 1) * 127.5
+        rng = np.random.default_rng([self.config.seed, position])
+        box, flip = draw_crop(self.config, example.height, example.width, rng)
+        image = crop_map(example.image, box, flip, self.config.resolution)
+        dense = crop_map(dense, box, flip, self.config.resolution, normal=modality == "normal")
         element = {
             "image": image,
             modality: dense,
@@ -205,10 +241,7 @@ class _Load:
         if self.tokenizer is None:
             element["caption"] = example.caption
         else:
-            ids = self.tokenizer(
-                example.caption, padding="max_length", max_length=self.config.max_length, truncation=True
-            )["input_ids"]
-            element["input_ids"] = np.asarray(ids, np.int32)
+            element["input_ids"] = token_ids(self.tokenizer, example.caption, self.config.max_length)
         return element
 
 
@@ -242,13 +275,8 @@ class Loader(grain.DatasetIterator):
         self.process_count = jax.process_count() if process_count is None else process_count
         if not 0 <= self.process_index < self.process_count:
             raise ValueError(f"process_index {self.process_index} is not in [0, {self.process_count}).")
-        tokenizer = config.tokenizer
-        if isinstance(tokenizer, str | os.PathLike):
-            from jointnet_jax.models.loading import load_tokenizer
-
-            tokenizer = load_tokenizer(tokenizer)
         self._reader = records.RecordReader(config.paths, decode=False)
-        self._load = _Load(self._reader, config, tokenizer)
+        self._load = self._make_load(self._reader)
         order = grain.MapDataset.range(len(self._reader))
         if config.training:
             order = order.shuffle(seed=config.seed)
@@ -266,6 +294,15 @@ class Loader(grain.DatasetIterator):
         super().__init__(iter(dataset))
         self.num_seen = 0
         self.num_corrupt = 0
+
+    def _make_load(self, reader: records.RecordReader):
+        """The element function of the grain workers (record position -> element, and its placeholder)."""
+        tokenizer = self.config.tokenizer
+        if isinstance(tokenizer, str | os.PathLike):
+            from jointnet_jax.models.loading import load_tokenizer
+
+            tokenizer = load_tokenizer(tokenizer)
+        return _Load(reader, self.config, tokenizer)
 
     @property
     def num_records(self) -> int:
@@ -312,13 +349,8 @@ class Loader(grain.DatasetIterator):
     def _collate(self, elements: list[dict[str, Any]]) -> dict[str, np.ndarray]:
         """Stack the elements and scale the maps to float32 [-1, 1] (done here on whole batches)."""
         batch = {name: np.stack([element[name] for element in elements]) for name in elements[0]}
-        batch["image"] = batch["image"].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-        modality = self.config.modality
-        if modality == "depth":
-            depth = batch["depth"] * np.float32(2.0) - np.float32(1.0)
-            batch["depth"] = np.repeat(depth[..., None], 3, axis=-1)
-        else:
-            batch["normal"] = batch["normal"].astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+        for name in ("image", self.config.modality):
+            batch[name] = unit_range(batch[name], name)
         return batch
 
     def get_state(self) -> dict[str, Any]:
@@ -334,6 +366,79 @@ class Loader(grain.DatasetIterator):
             f"Loader({self.num_records} records, process {self.process_index}/{self.process_count}, "
             f"training={self.config.training})"
         )
+
+
+class _LoadLatents:
+    """Cached record (index, position) -> element of posterior moments and text embedding (see
+    :class:`LatentLoader`); runs in grain workers, so it must pickle."""
+
+    def __init__(self, reader: records.RecordReader, config: LoaderConfig, info: dict):
+        self.reader, self.config = reader, config
+        self.maps = ("image", config.modality)
+        self.shapes = {"latent": tuple(info["latent_shape"]), "text": tuple(info["text_shape"])}
+        self.flip_rule = dataclasses.replace(config, crop_scale=(1.0, 1.0))  # the flip draw of a full crop
+
+    def placeholder(self, index: int, status: int, error: str = "") -> dict[str, Any]:
+        latent = np.zeros(self.shapes["latent"], np.float32)
+        element = {name: latent for m in self.maps for name in latent_records.moment_names(m)}
+        text = np.zeros(self.shapes["text"], np.float32)
+        return element | {"text": text, "key": "", "index": np.int64(index), "status": status, "error": error}
+
+    def _arrays(self, example: latent_records.LatentExample, flip: bool) -> dict[str, np.ndarray]:
+        element = {}
+        for m in self.maps:
+            for name, stored in zip(latent_records.moment_names(m), latent_records.moment_names(m, flip), strict=True):
+                element[name] = example.arrays.get(stored)
+        element["text"] = example.arrays.get("text")
+        for name, array in element.items():
+            expected = self.shapes["text" if name == "text" else "latent"]
+            if array is None or array.shape != expected:
+                got = "nothing" if array is None else array.shape
+                raise records.RecordError(f"cached record has {got} for {name}, not {expected}.")
+            element[name] = array.astype(np.float32)
+        return element
+
+    def __call__(self, item: tuple[int, int]) -> dict[str, Any]:
+        index, position = item
+        if index < 0:
+            return self.placeholder(index, _PADDING)
+        _, flip = draw_crop(self.flip_rule, 1, 1, np.random.default_rng([self.config.seed, position]))
+        try:
+            example = latent_records.decode_latent_example(self.reader[index])
+            element = self._arrays(example, flip)
+        except records.RecordError as error:
+            return self.placeholder(index, _CORRUPT, str(error))
+        return element | {"key": example.key, "index": np.int64(index), "status": _OK, "error": ""}
+
+
+class LatentLoader(Loader):
+    """The data loader over a latent cache (``data/latents.py``, format in ``data/latent_records.py``): the
+    same positions, shuffling, process slots, corrupt-record counting and iterator state as :class:`Loader`,
+    but its elements are already encoded. Batches: ``image_mean``, ``image_logvar``, ``{modality}_mean``,
+    ``{modality}_logvar`` (B, h, w, c) and ``text`` (B, L, D), float32 whatever the storage dtype, with
+    ``key``, ``index`` and ``valid``; ``uncond`` holds the cache's empty-prompt embedding (1, L, D).
+
+    The crop is the one the cache was made with (the held-out crop), so ``crop_scale`` is not used. With
+    ``flip`` an example takes the flipped copy when the pixel loader's rule (:func:`draw_crop`, from the
+    same generator seeded by ``(seed, position)``) flips a full-size crop: on square records the cached and
+    the pixel loader with ``crop_scale=(1, 1)`` flip the same examples. ``tokenizer`` is not used.
+    """
+
+    def _make_load(self, reader: records.RecordReader):
+        self.info, self.uncond = latent_records.read_cache_files(reader.paths)
+        c, info, where = self.config, self.info, os.path.dirname(reader.paths[0])
+        if info["resolution"] != c.resolution:
+            raise ValueError(f"the latent cache {where} is at resolution {info['resolution']}, not {c.resolution}.")
+        if c.modality not in info["maps"]:
+            raise ValueError(f"the latent cache {where} has no {c.modality} maps (it has {info['maps']}).")
+        if c.flip and c.training and not info["flip"]:
+            raise ValueError(
+                f"the latent cache {where} has no flipped copies: remake it with --flip, or train with flip off."
+            )
+        return _LoadLatents(reader, c, info)
+
+    def _collate(self, elements: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        return {name: np.stack([element[name] for element in elements]) for name in elements[0]}
 
 
 def make_global_batch(batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:

@@ -404,7 +404,8 @@ def write_shards(
     return writer.paths
 
 
-def _expand(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """Shard files of ``paths`` (files, folders of complete shard sets, or globs); none found is an error."""
     items = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
     expanded = []
     for item in map(os.fspath, items):
@@ -432,7 +433,7 @@ class RecordReader:
     """
 
     def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], decode: bool = True):
-        self.paths = _expand(paths)
+        self.paths = expand_paths(paths)
         self.decode = decode
         try:
             self._source = array_record_data_source.ArrayRecordDataSource(self.paths)

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jointnet_jax.models.conv import conv_general_dilated
+
 _ABSTRACT = contextvars.ContextVar("abstract_params", default=False)
 
 
@@ -44,7 +46,8 @@ zeros = nnx.initializers.zeros
 
 
 def conv(cin, cout, kernel=3, *, stride=1, padding=None, dtype=jnp.float32, rngs, zero_init=False):
-    """A torch-style Conv2d in NHWC: symmetric padding (k-1)//2 unless ``padding`` is given."""
+    """A torch-style Conv2d in NHWC: symmetric padding (k-1)//2 unless ``padding`` is given. The convolution
+    is :mod:`jointnet_jax.models.conv`'s (XLA's forward; on the CPU, a backward through dots for wide convs)."""
     pad = (kernel - 1) // 2 if padding is None else padding
     kernel_init = zeros if zero_init else nnx.initializers.lecun_normal()
     kwargs = dict(kernel_init=init(kernel_init), bias_init=init(zeros))
@@ -55,6 +58,7 @@ def conv(cin, cout, kernel=3, *, stride=1, padding=None, dtype=jnp.float32, rngs
         strides=stride,
         padding=((pad, pad), (pad, pad)),
         dtype=dtype,
+        conv_general_dilated=conv_general_dilated,
         rngs=rngs,
         **kwargs,
     )

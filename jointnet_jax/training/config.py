@@ -31,6 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(
         {
             "paths": "",  # record shards (files, folders or globs); empty: the embedded synthetic world
+            # True: paths (and eval_paths) name latent caches of jointnet-cache-latents, not labelled records;
+            # the step then runs no VAE and no text encoder (crop fixed by the cache; flip needs its --flip)
+            "latents": False,
             "resolution": 512,
             "seed": 0,
             "crop_scale": (0.6, 1.0),

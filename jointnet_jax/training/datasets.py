@@ -38,8 +38,19 @@ def eval_data(config, workdir: Path) -> str:
     return _synthetic(config, workdir / "eval_data", range(n, n + config.data.synthetic_eval_num))
 
 
+def _check_latent_paths(config) -> None:
+    """A latent cache is made from labelled records by ``jointnet-cache-latents``; there is no synthetic one."""
+    if not config.data.paths:
+        raise ValueError("data.latents needs data.paths: the latent cache folder(s) written by jointnet-cache-latents")
+    if config.eval_every and not config.data.eval_paths:
+        raise ValueError("data.latents with eval_every needs data.eval_paths: a latent cache of held-out records")
+
+
 def loader_configs(config, workdir: Path, tokenizer) -> tuple[LoaderConfig, LoaderConfig | None]:
-    """(training, held-out) loader settings of this process; no held-out set without ``eval_every``."""
+    """(training, held-out) loader settings of this process; no held-out set without ``eval_every``. With
+    ``data.latents`` the paths are latent caches (read by ``loader.LatentLoader``)."""
+    if config.data.get("latents", False):
+        _check_latent_paths(config)
     train = LoaderConfig(
         paths=training_data(config, workdir),
         resolution=config.data.resolution,

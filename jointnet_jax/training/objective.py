@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jointnet_jax.diffusion.schedule import NoiseSchedule, add_noise, training_target
+from jointnet_jax.models.vae import DiagonalGaussian
 from jointnet_jax.training.masks import conditioning, sample_masks
 
 
@@ -35,12 +36,16 @@ def _offset_noise(key, shape, offset):
     return noise + offset * jax.random.normal(k2, (1, 1, shape[-1]))
 
 
+def sample_latents(posterior: DiagonalGaussian, keys, scaling_factor):
+    """Posterior samples (one key per example), scaled as the diffusion model sees them."""
+    eps = jax.vmap(lambda k, m: jax.random.normal(k, m.shape))(keys, posterior.mean)
+    return (posterior.mean + posterior.std * eps) * scaling_factor
+
+
 def encode_latents(codec, images, keys):
     """Posterior samples (one key per image) of a VAE or ``PixelSpace`` codec, scaled as the diffusion
     model sees them."""
-    posterior = codec.encode(images)
-    eps = jax.vmap(lambda k, m: jax.random.normal(k, m.shape))(keys, posterior.mean)
-    return (posterior.mean + posterior.std * eps) * codec.scaling_factor
+    return sample_latents(codec.encode(images), keys, codec.scaling_factor)
 
 
 def denoise_branches(model, x_t: list, t, text, conds):
@@ -60,7 +65,23 @@ def joint_loss(model, codecs, text_encoder, schedule: NoiseSchedule, uncond, bat
     k = _per_example_keys(key, batch["index"], 9)  # 0/1: posteriors, 2: text drop, 3: t, 4/5: noise, 6: masks
     data = (batch["image"], batch.get(s.modality))[: len(codecs)]
     x0 = [encode_latents(c, images, k[:, j]) for j, (c, images) in enumerate(zip(codecs, data, strict=True))]
-    text = text_encoder(batch["input_ids"])
+    return _diffusion_loss(model, schedule, x0, text_encoder(batch["input_ids"]), uncond, batch, k, s)
+
+
+def cached_loss(model, scaling_factor: float, branches: int, schedule, uncond, batch, key, s: LossSettings):
+    """``joint_loss`` on a batch of the latent cache (``data.loader.LatentLoader``): the posteriors come from
+    the cached moments (``{map}_mean``, ``{map}_logvar``) and are sampled with the same per-example keys as
+    in-step encoding; the text embedding is the cached ``text``. ``branches``: 1 (the base UNet) or 2."""
+    k = _per_example_keys(key, batch["index"], 9)
+    names = ("image", s.modality)[:branches]
+    posteriors = [DiagonalGaussian(batch[f"{n}_mean"], batch[f"{n}_logvar"]) for n in names]
+    x0 = [sample_latents(p, k[:, j], scaling_factor) for j, p in enumerate(posteriors)]
+    return _diffusion_loss(model, schedule, x0, batch["text"], uncond, batch, k, s)
+
+
+def _diffusion_loss(model, schedule: NoiseSchedule, x0: list, text, uncond, batch, k, s: LossSettings):
+    """The loss from the branches' clean latents ``x0`` and the caption embeddings ``text``; ``k`` are the
+    per-example keys of ``joint_loss``."""
     drop = jax.vmap(lambda kk: jax.random.uniform(kk) < s.text_drop)(k[:, 2])
     text = jnp.where(drop[:, None, None], uncond.astype(text.dtype), text)
     t = jax.vmap(lambda kk: jax.random.randint(kk, (), 0, schedule.num_train_timesteps))(k[:, 3])

@@ -121,6 +121,12 @@ class Models:
     text_state: nnx.State
     tokenizer: object
 
+    def scaling_factor(self) -> float:
+        """The VAE's latent scaling factor (the cached loss scales posterior samples by it)."""
+        if self.vae_def is None:
+            raise ValueError("data.latents needs a VAE: pixel-space training (vae: none) has nothing to cache")
+        return float(nnx.merge(self.vae_def, self.vae_state).scaling_factor)
+
     def uncond_embedding(self):
         """The empty prompt's text embedding (1, L, D), the target of text drop."""
         text_encoder = nnx.merge(self.text_def, self.text_state)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jointnet_jax.models.pixel_space import branch_codecs
-from jointnet_jax.training.objective import LossSettings, joint_loss
+from jointnet_jax.training.objective import LossSettings, cached_loss, joint_loss
 
 
 @dataclasses.dataclass
@@ -28,8 +28,10 @@ class TrainState:
 jax.tree_util.register_dataclass(TrainState, data_fields=["step", "params", "opt_state"], meta_fields=[])
 
 
-def make_loss(models, settings: LossSettings):
-    """The objective as a pure function of (params, frozen, vae state, text state, uncond, batch, key)."""
+def make_loss(models, settings: LossSettings, cached: bool = False):
+    """The objective as a pure function of (params, frozen, vae state, text state, uncond, batch, key). With
+    ``cached`` the batches come from the latent cache (``objective.cached_loss``): the VAE and the text
+    encoder are not part of it, and their states are ignored (the trainer passes empty ones)."""
     graphdef, vae_def, text_def, schedule, channels = (
         models.graphdef,
         models.vae_def,
@@ -37,6 +39,14 @@ def make_loss(models, settings: LossSettings):
         models.schedule,
         models.channels,
     )
+    if cached:
+        scaling_factor = models.scaling_factor()
+
+        def loss(params, frozen, vae_state, text_state, uncond, batch, key):
+            model = nnx.merge(graphdef, params, frozen)
+            return cached_loss(model, scaling_factor, len(channels), schedule, uncond, batch, key, settings)
+
+        return loss
 
     def loss(params, frozen, vae_state, text_state, uncond, batch, key):
         codecs = branch_codecs(None if vae_def is None else nnx.merge(vae_def, vae_state), *channels)

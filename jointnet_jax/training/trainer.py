@@ -4,7 +4,8 @@ grids and the final export.
 One ``Trainer`` per process. What is trained and with what comes from ``setup.py`` (by the stage table of
 ``stages.py``), the data from ``datasets.py``, the pure step functions from ``steps.py``, the export and
 sample grids from ``export.py``. The train step is compiled once with ``jax.jit`` over explicit FSDP
-shardings and a donated train state (the modern form of pjit).
+shardings and a donated train state (the modern form of pjit). With ``data.latents`` the batches come from a
+latent cache (``loader.LatentLoader``) and the step holds no VAE and no text encoder (``objective.cached_loss``).
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from absl import logging
 from flax import nnx
 
 from jointnet_jax import sharding as sh
-from jointnet_jax.data.loader import Loader, make_global_batch
+from jointnet_jax.data.loader import LatentLoader, Loader, make_global_batch
 from jointnet_jax.models.jointnet import JointNet
 from jointnet_jax.training import checkpoints
+from jointnet_jax.training.compile import compile_step
 from jointnet_jax.training.datasets import loader_configs
 from jointnet_jax.training.export import export_model, sample_grid, write_sample_grid
 from jointnet_jax.training.lock import WorkdirBusy, WorkdirLock
@@ -111,18 +113,26 @@ class Trainer:
         self.mesh = sh.make_mesh(config.mesh.data, config.mesh.fsdp)
         self.stage = get_stage(config.stage)
         self.models = m = build_models(config, self.workdir)
+        self.cached = bool(config.data.get("latents", False))  # batches from a latent cache: no encoders in the step
+        self._loader = LatentLoader if self.cached else Loader
         self.base, self.schedule, self.tokenizer = m.base, m.schedule, m.tokenizer
         self.loss_settings = LossSettings(config.modality, config.text_drop, config.noise_offset, self.stage.masks)
         self.tx, self.lr_schedule = make_optimizer(config)
         self._place(m)
         self.data_config, self.eval_data_config = loader_configs(config, self.workdir, self.tokenizer)
-        self.data = Loader(self.data_config)
+        self.data = self._loader(self.data_config)
+        if self.cached:
+            try:
+                self._use_cache(self.data)
+            except BaseException:
+                self.data.close()
+                raise
         self.manager = checkpoints.make_manager(
             self.workdir, keep=config.keep_checkpoints, async_save=config.async_checkpoints
         )
         self._resume()
         self._step_fn = jax.jit(
-            make_train_step(make_loss(m, self.loss_settings), self.tx, self.lr_schedule, config.seed),
+            make_train_step(make_loss(m, self.loss_settings, self.cached), self.tx, self.lr_schedule, config.seed),
             in_shardings=self._in_shardings(self.state_shardings),
             out_shardings=(self.state_shardings, sh.replicated(self.mesh)),
             donate_argnums=(0,),
@@ -165,6 +175,22 @@ class Trainer:
         self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
         self.uncond = jax.device_put(m.uncond_embedding(), sh.replicated(self.mesh))
 
+    def _use_cache(self, data: LatentLoader) -> None:
+        """Text drop targets the cache's empty-prompt embedding; the cache must fit this run's VAE and text
+        encoder (its scaling factor and embedding shape)."""
+        info, where = data.info, data.config.paths
+        if info["scaling_factor"] != self.models.scaling_factor():
+            raise ValueError(
+                f"the latent cache {where} was made with a VAE of scaling factor {info['scaling_factor']}, "
+                f"not this base's {self.models.scaling_factor()}"
+            )
+        if tuple(data.uncond.shape) != tuple(self.uncond.shape):
+            raise ValueError(
+                f"the latent cache {where} holds text embeddings {tuple(data.uncond.shape[1:])}, not this base's "
+                f"{tuple(self.uncond.shape[1:])}"
+            )
+        self.uncond = jax.device_put(jnp.asarray(data.uncond), sh.replicated(self.mesh))
+
     def _resume(self):
         """Continue from the newest good checkpoint of the workdir, if there is one (state and data position);
         damaged ones are set aside in ``checkpoints_damaged/`` (see ``checkpoints.restore_newest_good``)."""
@@ -198,20 +224,24 @@ class Trainer:
 
     def _in_shardings(self, first):
         shard = self._shardings
-        frozen = (shard(self.frozen), shard(self.vae_state), shard(self.text_state))
+        frozen = (shard(self.frozen), *map(shard, self._encoder_states()))
         return (first, *frozen, sh.replicated(self.mesh), sh.batch_sharding(self.mesh))
 
     def _global_batch(self, host_batch):
         return make_global_batch(host_batch, sh.batch_sharding(self.mesh))
 
     def _args(self, first, batch):
-        return (first, self.frozen, self.vae_state, self.text_state, self.uncond, batch)
+        return (first, self.frozen, *self._encoder_states(), self.uncond, batch)
+
+    def _encoder_states(self):
+        """The VAE and text-encoder states the step takes: none (empty states) when it reads a latent cache."""
+        return (nnx.State({}), nnx.State({})) if self.cached else (self.vae_state, self.text_state)
 
     def compiled_step(self, batch):
-        """The train step compiled for this batch's shapes (once); its FLOPs (``self.flops``) and per-device
-        memory (``self.step_memory``) from XLA's cost and buffer analyses."""
+        """The train step compiled for this batch's shapes (once, within the host's memory: ``compile.py``);
+        its FLOPs (``self.flops``) and per-device memory (``self.step_memory``) from XLA's analyses."""
         if self._compiled is None:
-            self._compiled = self._step_fn.lower(*self._args(self.state, batch)).compile()
+            self._compiled = compile_step(self._step_fn.lower(*self._args(self.state, batch)))
             # Processes finish compiling at different times (on CPU one can lag by a minute), and Gloo gives
             # up on a first collective reached 30 s apart: wait on the host before the first step runs.
             sh.sync_processes("train_step_compiled")
@@ -231,14 +261,14 @@ class Trainer:
         if self.eval_data_config is None:
             raise ValueError("evaluation needs config.eval_every > 0 (and data.eval_paths or synthetic_eval_num)")
         if self._eval_fn is None:
-            loss = make_loss(self.models, dataclasses.replace(self.loss_settings, text_drop=0.0))
+            loss = make_loss(self.models, dataclasses.replace(self.loss_settings, text_drop=0.0), self.cached)
             in_shardings = self._in_shardings(self._shardings(self.state.params))
             self._eval_fn = jax.jit(
                 make_eval_step(loss, self.config.eval_seed),
                 in_shardings=in_shardings,
                 out_shardings=sh.replicated(self.mesh),
             )
-        data, sums, count = Loader(self.eval_data_config), {}, 0.0
+        data, sums, count = self._loader(self.eval_data_config), {}, 0.0
         try:
             for host_batch in data:
                 metrics, n = self._eval_fn(*self._args(self.state.params, self._global_batch(host_batch)))
