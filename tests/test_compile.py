@@ -1,5 +1,6 @@
 """The train step is compiled again with the memory-optimised CPU scheduler only when it would not fit."""
 
+import sys
 from pathlib import Path
 
 import jax
@@ -53,3 +54,10 @@ def test_host_memory_is_read_from_the_kernel():
         assert available is not None and available > 0
     else:
         assert available is None
+
+
+def test_freed_heap_is_returned_on_linux_with_glibc():
+    import platform
+
+    returned = compile_mod.return_freed_heap()
+    assert returned == (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")
