@@ -475,7 +475,9 @@ def test_resume_skips_a_damaged_latest_checkpoint(stage1, tmp_path, caplog):
     with caplog.at_level("WARNING"):
         resumed = Trainer(_config(), workdir)
     assert int(resumed.state.step) == 4
-    warnings = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    # Our own warning only: orbax's asyncio leftovers of a failed read (collected at any later time, even in
+    # a later test) also name paths with "damaged" in them.
+    warnings = [r.getMessage() for r in caplog.records if "trying the one before" in r.getMessage()]
     assert len(warnings) == 1 and str(workdir / "checkpoints" / "6") in warnings[0]
     assert (workdir / "checkpoints_damaged" / "6" / "state").is_dir()
     assert resumed.manager.all_steps() == [2, 4]
@@ -499,7 +501,9 @@ def test_a_checkpoint_another_process_cannot_read_is_set_aside_on_all(stage1, tm
     with caplog.at_level("WARNING"):
         resumed = Trainer(_config(), workdir)
     assert int(resumed.state.step) == 4 and votes == [(True, "restored_6"), (True, "restored_4")]
-    warnings = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    # Our own warning only: orbax's asyncio leftovers of a failed read (collected at any later time, even in
+    # a later test) also name paths with "damaged" in them.
+    warnings = [r.getMessage() for r in caplog.records if "trying the one before" in r.getMessage()]
     assert len(warnings) == 1 and "another process could not read it" in warnings[0]
     assert resumed.manager.all_steps() == [2, 4] and (workdir / "checkpoints_damaged" / "6").is_dir()
     resumed.close()
