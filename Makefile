@@ -11,7 +11,7 @@ install: $(PY)
 	$(PY) -m pip install -q -e ".[test]"
 
 test: install
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 # The embedded CPU demo: train, sample, evaluate; report in runs/demo/report/ (~15 min on 2 cores).
 demo: install

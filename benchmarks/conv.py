@@ -4,7 +4,9 @@ Why this exists: the SD2.1-shaped training step spends a quarter of its time in 
 and is slow in wide convs at tiny spatial sizes (RESULTS.md, "Where the JAX step time goes"). This measures
 whether an im2col formulation would be a better CPU conv path, per shape, for the forward, the input gradient
 (frozen kernel, as in the RGB branch) and the input + kernel gradient (trained branch). ``project`` is
-``jointnet_jax.models.conv.conv2d``: XLA's forward with the dot backward (a ``custom_vjp``).
+``jointnet_jax.models.conv.conv2d``: XLA's forward with the dot backward (a ``custom_vjp``). Each is compiled
+twice: with ``jax.jit`` (XLA's CPU defaults, where YNNPACK runs the convolutions: ``, ynnpack``) and with the
+project's ``models.functional.jit`` (XLA's own convolution: ``, project``).
 
     python benchmarks/conv.py                                     # the default shapes
     python benchmarks/conv.py --shapes 1x8x1280 16x32x32          # batch x side x channels
@@ -24,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sample import machine  # noqa: E402
 from twin_forward import emit  # noqa: E402
 
-DEFAULT_SHAPES = ["1x8x1280", "1x32x1280", "2x64x320", "16x32x32", "16x16x64", "16x32x64"]
+DEFAULT_SHAPES = ["1x8x1280", "1x32x1280", "2x64x320", "2x32x320", "16x32x32", "16x16x64", "16x32x64"]
 
 
 def median_ms(fn, repeats=5) -> float:
@@ -60,7 +62,7 @@ def jax_convs():
     return {"xla": xla, "im2col": im2col, "project": project}
 
 
-def time_jax(conv, x, k) -> dict:
+def time_jax(conv, x, k, jit) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -69,9 +71,9 @@ def time_jax(conv, x, k) -> dict:
 
     out = {}
     for name, fn in {
-        "fwd": jax.jit(conv),
-        "grad_x": jax.jit(jax.grad(loss)),
-        "grad_xk": jax.jit(jax.grad(loss, argnums=(0, 1))),
+        "fwd": jit(conv),
+        "grad_x": jit(jax.grad(loss)),
+        "grad_xk": jit(jax.grad(loss, argnums=(0, 1))),
     }.items():
         compiled = fn.lower(x, k).compile()
         out[f"{name}_ms"] = median_ms(lambda c=compiled: jax.block_until_ready(c(x, k)))
@@ -104,6 +106,8 @@ def main(argv=None) -> None:
     jax.config.update("jax_platforms", "cpu")
     import numpy as np
 
+    from jointnet_jax.models import functional
+
     emit(dict(part="start", script="conv.py", argv=sys.argv[1:], **machine()))
     rows = []
     for shape in args.shapes:
@@ -114,8 +118,9 @@ def main(argv=None) -> None:
         convs = jax_convs()
         np.testing.assert_allclose(convs["xla"](x, k), convs["im2col"](x, k), rtol=1e-3, atol=1e-3)
         for impl, conv in convs.items():
-            rows.append(dict(part="conv", shape=shape, impl=impl, **time_jax(conv, x, k)))
-            emit(rows[-1])
+            for options, jit in (("ynnpack", jax.jit), ("project", functional.jit)):
+                rows.append(dict(part="conv", shape=shape, impl=f"{impl}, {options}", **time_jax(conv, x, k, jit)))
+                emit(rows[-1])
         if not args.skip_torch:
             rows.append(dict(part="conv", shape=shape, impl="torch", **time_torch(n, s, c)))
             emit(rows[-1])

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from photos import matmul_reference  # noqa: E402
 from sample import machine  # noqa: E402
-from twin_forward import emit  # noqa: E402
+from twin_forward import add_cpu_options_arg, apply_cpu_options, emit  # noqa: E402
 
 
 def config_for(args):
@@ -79,7 +79,9 @@ def main(argv=None) -> None:
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=5)
+    add_cpu_options_arg(p)
     args = p.parse_args(argv)
+    apply_cpu_options(args)
     import jax
 
     from jointnet_jax.training.trainer import Trainer
@@ -113,6 +115,7 @@ def main(argv=None) -> None:
             part="step",
             config=args.config,
             phase=args.phase if args.config == "demo" else None,
+            cpu_options=args.cpu_options,
             compile_s=round(compile_s, 1),
             loader_s=round(sorted(host)[len(host) // 2], 4),
             step_s=round(med, 4),

@@ -56,7 +56,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from photos import matmul_reference  # noqa: E402
 from sample import machine, run_child  # noqa: E402
-from twin_forward import SD21_UNET_CONFIG, RandomTensors, emit, peak_rss_bytes, report, rss_bytes  # noqa: E402
+from twin_forward import (  # noqa: E402
+    SD21_UNET_CONFIG,
+    RandomTensors,
+    add_cpu_options_arg,
+    apply_cpu_options,
+    emit,
+    peak_rss_bytes,
+    report,
+    rss_bytes,
+)
 
 SD_VAE = {  # stabilityai/stable-diffusion-2-1-base vae/config.json
     "_class_name": "AutoencoderKL",
@@ -321,6 +330,7 @@ def common_fields(args) -> dict:
         attention=getattr(args, "attention", "auto"),
         xla_flags=getattr(args, "xla_flags", "default"),
         conv_backward=getattr(args, "conv_backward", "project"),
+        cpu_options=getattr(args, "cpu_options", "project"),
     )
 
 
@@ -517,7 +527,9 @@ def main(argv=None) -> None:
     )
     p.add_argument("--force", action="store_true", help="run even if MemAvailable looks too small")
     p.add_argument("--part", choices=["jax", "torch"], help=argparse.SUPPRESS)
+    add_cpu_options_arg(p)
     args = p.parse_args(argv)
+    apply_cpu_options(args)
     if args.part:
         args.config, args.remat, args.xla_flags = args.config[0], args.remat[0], args.xla_flags[0]
         args.conv_backward = args.conv_backward[0]

@@ -63,6 +63,29 @@ def report(record: dict) -> None:
     print(RESULT + json.dumps(record), flush=True)
 
 
+CPU_OPTIONS_ENV = "JOINTNET_BENCH_CPU_OPTIONS"
+
+
+def add_cpu_options_arg(p: argparse.ArgumentParser) -> None:
+    """``--cpu-options none``, a benchmark-only switch: compile without ``models/functional.py``'s per-program
+    CPU options (YNNPACK keeps the convolutions: the code path before 2026-12-03's evening). Children inherit
+    it through the environment."""
+    p.add_argument(
+        "--cpu-options",
+        choices=["project", "none"],
+        default=os.environ.get(CPU_OPTIONS_ENV, "project"),
+        help="benchmark-only: 'none' = XLA's CPU defaults for every program (the earlier code path)",
+    )
+
+
+def apply_cpu_options(args) -> None:
+    os.environ[CPU_OPTIONS_ENV] = args.cpu_options
+    if args.cpu_options == "none":
+        from jointnet_jax.models import functional
+
+        functional.CPU_COMPILER_OPTIONS.clear()
+
+
 def peak_rss_bytes() -> int:
     """High-water resident set size of this process (VmHWM)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -402,7 +425,9 @@ def main(argv=None) -> None:
     p.add_argument("--ckpt-storage", choices=["fp32", "fp16"], default="fp32")
     p.add_argument("--keep-ckpt", action="store_true", help="keep the random checkpoint for later runs")
     p.add_argument("--part", choices=["params", "memory", "forward"], help=argparse.SUPPRESS)
+    add_cpu_options_arg(p)
     args = p.parse_args(argv)
+    apply_cpu_options(args)
 
     if args.part:
         {"params": part_params, "memory": part_memory, "forward": part_forward}[args.part](args)

@@ -22,7 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from photos import matmul_reference  # noqa: E402
 from sample import machine, run_child  # noqa: E402
-from twin_forward import SD21_UNET_CONFIG, emit, peak_rss_bytes, report  # noqa: E402
+from twin_forward import (  # noqa: E402
+    SD21_UNET_CONFIG,
+    add_cpu_options_arg,
+    apply_cpu_options,
+    emit,
+    peak_rss_bytes,
+    report,
+)
 
 
 def unet_config(width: int) -> dict:
@@ -41,6 +48,7 @@ def part_jax(args) -> dict:
     import optax
     from flax import nnx
 
+    from jointnet_jax.models import functional
     from jointnet_jax.models.unet import UNet2DConditionModel, UNetConfig
 
     jax.config.update("jax_platforms", "cpu")
@@ -62,7 +70,7 @@ def part_jax(args) -> dict:
         return optax.apply_updates(params, updates), opt_state, value
 
     t0 = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state).compile()
+    compiled = functional.jit(step, donate_argnums=(0, 1)).lower(params, opt_state).compile()
     compile_s = time.perf_counter() - t0
     times = []
     for i in range(args.steps + 1):
@@ -113,7 +121,9 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--width", type=int, help=argparse.SUPPRESS)
     p.add_argument("--part", choices=["jax", "torch"], help=argparse.SUPPRESS)
+    add_cpu_options_arg(p)
     args = p.parse_args(argv)
+    apply_cpu_options(args)
     if args.part:
         rec = {"jax": part_jax, "torch": part_torch}[args.part](args)
         report(

@@ -98,10 +98,10 @@ class LatentEncoder:
     short batches are padded to ``batch_size``)."""
 
     def __init__(self, config: CacheConfig):
-        import jax
         import jax.numpy as jnp
         from flax import nnx
 
+        from jointnet_jax.models import functional
         from jointnet_jax.models.loading import load_text_encoder, load_tokenizer, load_vae
 
         self.config = config
@@ -115,7 +115,8 @@ class LatentEncoder:
             posterior = nnx.merge(vae_def, state).encode(x)
             return posterior.mean, posterior.logvar
 
-        moments, text = jax.jit(moments), jax.jit(lambda state, ids: nnx.merge(text_def, state)(ids.astype(jnp.int32)))
+        moments = functional.jit(moments)
+        text = functional.jit(lambda state, ids: nnx.merge(text_def, state)(ids.astype(jnp.int32)))
         self._moments = lambda x: moments(vae_state, x)  # weights as arguments, not constants of the program
         self._text = lambda ids: text(text_state, ids)
 

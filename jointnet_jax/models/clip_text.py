@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jointnet_jax.models import functional
 from jointnet_jax.models.config_check import check_fields
 from jointnet_jax.models.layers import embed, layer_norm, linear
 
@@ -153,7 +154,7 @@ class CLIPTextModel(nnx.Module):
         return self.text_model(jnp.asarray(input_ids, jnp.int32))
 
 
-_forward = jax.jit(lambda model, ids: model(ids))
+_forward = functional.jit(lambda model, ids: model(ids))
 
 
 def tokenize(tokenizer, prompts) -> np.ndarray:

@@ -17,6 +17,7 @@ from flax import nnx
 
 from jointnet_jax.diffusion.guidance import cfg, rescale_guidance
 from jointnet_jax.diffusion.samplers import Sampler
+from jointnet_jax.models import functional
 from jointnet_jax.pipelines import tiles
 
 
@@ -101,7 +102,7 @@ def loop_step(
     return x, sampler_state
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "guided", "progress", "tiling"))
+@functools.partial(functional.jit, static_argnames=("graphdef", "sampler", "guided", "progress", "tiling"))
 def denoise(
     graphdef,
     state,

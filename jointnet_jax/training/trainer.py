@@ -25,6 +25,7 @@ from flax import nnx
 
 from jointnet_jax import sharding as sh
 from jointnet_jax.data.loader import LatentLoader, Loader, make_global_batch
+from jointnet_jax.models import functional
 from jointnet_jax.models.jointnet import JointNet
 from jointnet_jax.training import checkpoints
 from jointnet_jax.training.compile import compile_step
@@ -131,7 +132,7 @@ class Trainer:
             self.workdir, keep=config.keep_checkpoints, async_save=config.async_checkpoints
         )
         self._resume()
-        self._step_fn = jax.jit(
+        self._step_fn = functional.jit(
             make_train_step(make_loss(m, self.loss_settings, self.cached), self.tx, self.lr_schedule, config.seed),
             in_shardings=self._in_shardings(self.state_shardings),
             out_shardings=(self.state_shardings, sh.replicated(self.mesh)),
@@ -263,7 +264,7 @@ class Trainer:
         if self._eval_fn is None:
             loss = make_loss(self.models, dataclasses.replace(self.loss_settings, text_drop=0.0), self.cached)
             in_shardings = self._in_shardings(self._shardings(self.state.params))
-            self._eval_fn = jax.jit(
+            self._eval_fn = functional.jit(
                 make_eval_step(loss, self.config.eval_seed),
                 in_shardings=in_shardings,
                 out_shardings=sh.replicated(self.mesh),
