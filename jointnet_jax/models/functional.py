@@ -6,12 +6,12 @@ runs on every call) or running modules eagerly (one dispatch per op).
 
 Why a ``jit`` of our own: on the CPU, this jaxlib's XLA hands every convolution to YNNPACK, which runs the
 3x3 convolutions of these UNets slower than XLA's own (Eigen) convolution: forwards by 1.2-3.4x, gradients by
-up to 1.8x, at 32-1280 channels (``benchmarks/conv.py``; RESULTS.md, 2026-12-03 evening). XLA's ``xla_cpu_experimental_ynn_fusion_type``
-option lists what YNNPACK takes; :data:`CPU_COMPILER_OPTIONS` is its default (dots, convolutions, reductions)
-without the convolutions. It is set per program through ``compiler_options``, never in ``XLA_FLAGS``, so a
-user's own flags and programs are untouched. The backend is looked up at the first call, not at import: a
-process may pick its platform, or start ``jax.distributed``, after importing this module. GPUs and TPUs get
-no options.
+up to 1.8x, at 32-1280 channels (``benchmarks/conv.py``; RESULTS.md, 2026-12-03 evening). XLA's option
+``xla_cpu_experimental_ynn_fusion_type`` lists what YNNPACK takes; :data:`CPU_COMPILER_OPTIONS` is its
+default (dots, convolutions, reductions) without the convolutions. It is set per program through
+``compiler_options``, never in ``XLA_FLAGS``, so a user's own flags and programs are untouched. The backend
+is looked up at the first call, not at import: a process may pick its platform, or start
+``jax.distributed``, after importing this module. GPUs and TPUs get no options.
 """
 
 from __future__ import annotations
