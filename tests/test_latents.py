@@ -90,6 +90,20 @@ def test_the_job_writes_every_record_and_its_settings(setup):
     assert np.load(cache / "uncond.npy").shape == (1, *info["text_shape"])
 
 
+def test_in_process_writes_the_same_shards_as_the_beam_job(setup, tmp_path):
+    """``write_in_process`` (no Beam: the GPU benchmark host) encodes the same records into the same shards."""
+    root, workdir, _, counts = setup
+    config = latents.CacheConfig(str(workdir / "tiny_base"), RESOLUTION, 4, "fp32", flip=True, normal=True)
+    items = latents.plan_work_items([str(root / "records")], str(tmp_path), config.prefix)
+    got = latents.write_in_process(items, latents.LatentEncoder(config), config)
+    assert {k: got[k] for k in ("read", "failed", "written", "shards_written")} == {
+        k: counts[k] for k in ("read", "failed", "written", "shards_written")
+    }
+    for item in items:
+        name = os.path.basename(item.out)
+        assert (tmp_path / name).read_bytes() == (root / "cache_fp32" / name).read_bytes(), name
+
+
 def _loss_inputs(m):
     return m.trainable, m.frozen, m.vae_state, m.text_state
 

@@ -1,67 +1,90 @@
-"""What the Beam jobs of ``data/`` share (the labelling job ``label.py`` and the latent-cache job
-``latents.py``): output shards planned at construction and skipped when already written (resume per shard),
-each shard written into a hidden temporary folder and renamed into place when complete (atomic), per-shard
-counters that are also Beam counters, and the run of a job on Beam's ``PipelineOptions``.
+"""The Beam side of the data jobs (the labelling job ``label.py`` and the latent-cache job ``latents.py``): a
+job is a ``ShardJob``, data saying how a worker loads its model once and writes one shard; ``ShardFn`` is the
+one ``DoFn`` that runs any of them, ``build_job`` the transforms (work items, reshuffled over workers, one
+shard each) and ``run_shard_job`` the run on Beam's ``PipelineOptions``, returning the job's counters. Shard
+planning, resume and atomic writes need no Beam and live in ``shards.py``.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
-import contextlib
-import os
-import re
-import secrets
-import shutil
-from collections.abc import Callable, Iterator
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from jointnet_jax.data import records
+from jointnet_jax.data import shards
+
+log = logging.getLogger(__name__)
 
 
-def pending_work_items(items: list, out: str, prefix: str) -> list:
-    """Items (anything with an ``out`` shard path) whose shard is not written yet; refuses an output folder
-    holding another split of the input. A half-written temporary folder never counts as written."""
-    pattern = re.compile(rf"^{re.escape(prefix)}-\d{{5,}}-of-(\d{{5,}}){re.escape(records.SHARD_SUFFIX)}$")
-    if os.path.isdir(out):
-        other = sorted(n for n in os.listdir(out) if (m := pattern.match(n)) and int(m[1]) != len(items))
-        if other:
-            raise FileExistsError(
-                f"{out} holds shards of a different split ({other[0]}, ...), not of {len(items)} shards; "
-                "rerun with the same input and --examples-per-shard, or use another --out/--prefix."
-            )
-    return [item for item in items if not os.path.exists(item.out)]
+@dataclasses.dataclass(frozen=True)
+class ShardJob:
+    """A shard job as data. ``load(config)`` runs once per worker (the model it writes with);
+    ``write(item, loaded, config, count)`` writes the item's shard (``shards.published_shard``) and counts
+    into ``count``; ``logged``: the counters named in the per-shard log line, ``read`` first. The functions
+    are module-level, so the DoFn pickles."""
+
+    label: str  # the transform's name, e.g. "LabelShards"
+    namespace: str  # of the Beam counters
+    load: Callable
+    write: Callable
+    logged: tuple[str, ...]
 
 
-@contextlib.contextmanager
-def published_shard(out: str, prefix: str, image_format: str = "png") -> Iterator[records.ShardWriter]:
-    """A one-shard ``records.ShardWriter`` in a hidden temporary folder next to ``out``; the shard is renamed
-    to ``out`` when the block ends without an exception, and the temporary folder is always removed."""
-    out_dir, name = os.path.split(out)
-    temp_dir = os.path.join(out_dir, f".{name}.tmp-{secrets.token_hex(4)}")
-    try:
-        writer = records.ShardWriter(temp_dir, prefix, num_shards=1, image_format=image_format)
-        with writer:
-            yield writer
-        os.replace(writer.paths[0], out)
-    finally:
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def counter(namespace: str) -> tuple[Callable[..., None], collections.Counter]:
-    """``(count, counts)``: ``count(name, value=1)`` adds to the Beam counter ``namespace/name`` and to
-    ``counts`` (this shard's tally, for the log line)."""
-    counts = collections.Counter()
+def counter(namespace: str) -> tuple[shards.Count, collections.Counter]:
+    """``shards.tally`` whose ``count(name, value=1)`` also adds to the Beam counter ``namespace/name``."""
+    add, counts = shards.tally()
 
     def count(name: str, value: int = 1) -> None:
-        counts[name] += value
+        add(name, value)
         Metrics.counter(namespace, name).inc(value)
 
     return count, counts
+
+
+class ShardFn(beam.DoFn):
+    """Work item -> written shard path, for any ``ShardJob``; its model is loaded once per worker in
+    ``setup``, and each shard ends in one log line with its counts and rate."""
+
+    def __init__(self, job: ShardJob, config):
+        self.job, self.config, self.loaded = job, config, None
+
+    def setup(self):
+        self.loaded = self.job.load(self.config)
+
+    def process(self, item):
+        start = time.perf_counter()
+        count, counts = counter(self.job.namespace)
+        self.job.write(item, self.loaded, self.config, count)
+        seconds = time.perf_counter() - start
+        tallies = ", ".join(f"{counts[name]} {name}" for name in self.job.logged)
+        rate = counts[self.job.logged[0]] / max(seconds, 1e-9)
+        log.info(
+            "shard %d/%d done: %s (%s; %.1f s, %.2f records/s)",
+            item.index + 1,
+            item.num_shards,
+            item.out,
+            tallies,
+            seconds,
+            rate,
+        )
+        yield item.out
+
+
+def build_job(pipeline: beam.Pipeline, items: list, job: ShardJob, config) -> beam.PCollection:
+    """The job's transforms for ``items`` on a Beam ``pipeline``; returns the written shard paths."""
+    return (
+        pipeline
+        | "WorkItems" >> beam.Create(items)
+        | "Distribute" >> beam.Reshuffle()
+        | job.label >> beam.ParDo(ShardFn(job, config))
+    )
 
 
 def metric_counts(result, namespace: str) -> dict[str, int]:
@@ -72,19 +95,10 @@ def metric_counts(result, namespace: str) -> dict[str, int]:
     return dict(counts)
 
 
-def run_job(beam_args: list[str], build: Callable[[beam.Pipeline], object], namespace: str) -> dict[str, int]:
-    """Build a pipeline on Beam's options, attach the job with ``build(pipeline)``, run it to the end and
-    return its counters."""
+def run_shard_job(beam_args: list[str], items: list, job: ShardJob, config) -> dict[str, int]:
+    """Run ``job`` over ``items`` on Beam's options to the end and return its counters."""
     pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
-    build(pipeline)
+    build_job(pipeline, items, job, config)
     result = pipeline.run()
     result.wait_until_finish()
-    return metric_counts(result, namespace)
-
-
-def positive(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+    return metric_counts(result, job.namespace)

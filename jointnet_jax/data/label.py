@@ -32,11 +32,11 @@ checked too, metadata may lie), watermark score < ``--max-watermark`` (0.5), aes
 off; ``--no-filter`` turns all off. A score that is missing passes its rule unless ``--drop-missing-metadata``.
 Metadata rules run before the image is read, so a listed-but-corrupt image that fails them counts as filtered.
 
-Pipeline (its shard plumbing in ``jobs.py``, shared with the latent-cache job ``latents.py``): the inputs are
-listed at construction into work items, one per output shard
+Pipeline (its shard plumbing in ``shards.py`` and its Beam job in ``jobs.py``, both shared with the latent-cache
+job ``latents.py``): the inputs are listed at construction into work items, one per output shard
 ``{prefix}-{i:05d}-of-{n:05d}.array_record``; items whose shard already exists are skipped (resume: rerun
-the same command). The rest are spread over workers (``Reshuffle``) and :class:`LabelShardFn` labels each
-one streaming: read + decode + filter -> batches of ``--batch-size`` through the model (loaded once per
+the same command). The rest are spread over workers (``Reshuffle``) and ``jobs.ShardFn`` runs ``label_shard`` on
+each one streaming: read + decode + filter -> batches of ``--batch-size`` through the model (loaded once per
 worker in ``setup``, on GPU when available) -> ``records.ShardWriter`` into a temporary folder, renamed into
 place when complete. Labelling a whole shard in one DoFn (rather than per-image elements regrouped by a
 GroupByKey) keeps memory at one batch, shuffles no image bytes and makes the shard the unit of retry and
@@ -58,14 +58,12 @@ import math
 import os
 import posixpath
 import tarfile
-import time
 from collections.abc import Callable, Iterable, Iterator
 
-import apache_beam as beam
 import numpy as np
 from PIL import Image
 
-from jointnet_jax.data import jobs, records
+from jointnet_jax.data import jobs, records, shards
 from jointnet_jax.io_utils import decode_rgb8
 
 NAMESPACE = "label"
@@ -84,7 +82,7 @@ METADATA_COLUMNS = {
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 log = logging.getLogger(__name__)
-Count = Callable[..., None]
+Count = shards.Count
 
 
 @dataclasses.dataclass
@@ -404,7 +402,7 @@ def label_shard(item: WorkItem, estimator, config: LabelConfig, count: Count) ->
     The image is resized to ``config.resolution`` first, so the depth is estimated on (and aligned with)
     exactly the stored pixels.
     """
-    with jobs.published_shard(item.out, config.prefix, config.image_format) as writer:
+    with shards.published_shard(item.out, config.prefix, config.image_format) as writer:
         for batch in _batches(iter_samples(item, config.rules, count), config.batch_size):
             if config.resolution:
                 for sample in batch:
@@ -426,49 +424,16 @@ def label_shard(item: WorkItem, estimator, config: LabelConfig, count: Count) ->
     count("shards_written")
 
 
-class LabelShardFn(beam.DoFn):
-    """Work item -> written shard path; the estimator is loaded once per worker in ``setup``."""
+def load_estimator(config: LabelConfig):
+    """The job's model, loaded once per worker (torch and transformers are imported only there)."""
+    from jointnet_jax.data.depth_estimator import DepthEstimator
 
-    def __init__(self, config: LabelConfig):
-        self.config = config
-        self.estimator = None
-
-    def setup(self):
-        from jointnet_jax.data.depth_estimator import DepthEstimator  # torch/transformers only on workers
-
-        self.estimator = DepthEstimator.from_pretrained(
-            self.config.depth_model,
-            self.config.normal_model,
-            estimate_size=self.config.estimate_size,
-            percentile=self.config.percentile,
-        )
-
-    def process(self, item: WorkItem):
-        start = time.perf_counter()
-        count, counts = jobs.counter(NAMESPACE)
-        label_shard(item, self.estimator, self.config, count)
-        seconds = time.perf_counter() - start
-        log.info(
-            "shard %d/%d done: %s (%d read, %d written, %d filtered, %d failed; %.1f s, %.2f images/s)",
-            item.index + 1,
-            item.num_shards,
-            item.out,
-            *(counts[name] for name in ("read", "written", "filtered", "failed")),
-            seconds,
-            counts["read"] / max(seconds, 1e-9),
-        )
-        yield item.out
-
-
-def build_job(pipeline: beam.Pipeline, items: list[WorkItem], config: LabelConfig) -> beam.PCollection:
-    """The labelling job: attach its transforms for ``items`` to a Beam ``pipeline``; returns the written shard
-    paths."""
-    return (
-        pipeline
-        | "WorkItems" >> beam.Create(items)
-        | "Distribute" >> beam.Reshuffle()
-        | "LabelShards" >> beam.ParDo(LabelShardFn(config))
+    return DepthEstimator.from_pretrained(
+        config.depth_model, config.normal_model, estimate_size=config.estimate_size, percentile=config.percentile
     )
+
+
+JOB = jobs.ShardJob("LabelShards", NAMESPACE, load_estimator, label_shard, ("read", "written", "filtered", "failed"))
 
 
 def _optional(kind: type) -> Callable[[str], float | int | None]:
@@ -488,10 +453,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--prefix", default="labelled", help="shard file-name prefix")
     parser.add_argument("--depth-model", required=True, help="DPTForDepthEstimation folder or hub id")
     parser.add_argument("--normal-model", help="DPT folder/hub id with a 3-channel (normal) head; no normals if unset")
-    parser.add_argument("--examples-per-shard", type=jobs.positive, default=1000, help="inputs per shard (not wds)")
-    parser.add_argument("--batch-size", type=jobs.positive, default=8)
-    parser.add_argument("--resolution", type=jobs.positive, help="resize so the shorter side is this (default: keep)")
-    parser.add_argument("--estimate-size", type=jobs.positive, help="square model input (default: processor's size)")
+    parser.add_argument("--examples-per-shard", type=shards.positive, default=1000, help="inputs per shard (not wds)")
+    parser.add_argument("--batch-size", type=shards.positive, default=8)
+    parser.add_argument("--resolution", type=shards.positive, help="resize so the shorter side is this (default: keep)")
+    parser.add_argument("--estimate-size", type=shards.positive, help="square model input (default: processor's size)")
     parser.add_argument("--percentile", type=float, default=0.0, help="normalise depth between p / 100-p pct")
     parser.add_argument("--image-format", choices=("png", "jpeg"), default="png", help="stored image encoding")
     parser.add_argument("--min-side", type=_optional(int), default=512, help="or 'none'")
@@ -520,12 +485,12 @@ def run(argv: list[str] | None = None) -> dict[str, int]:
         prefix=args.prefix,
     )
     items = plan_work_items(args.input, args.input_format, args.out, args.prefix, args.examples_per_shard)
-    todo = jobs.pending_work_items(items, args.out, args.prefix)
+    todo = shards.pending_work_items(items, args.out, args.prefix)
     log.info("%d shards planned, %d already written, %d to label", len(items), len(items) - len(todo), len(todo))
     counts = dict.fromkeys(REPORTED, 0) | {"shards": len(items), "shards_skipped": len(items) - len(todo)}
     if todo:
         os.makedirs(args.out, exist_ok=True)
-        counts |= jobs.run_job(beam_args, lambda pipeline: build_job(pipeline, todo, config), NAMESPACE)
+        counts |= jobs.run_shard_job(beam_args, todo, JOB, config)
     return counts
 
 

@@ -21,14 +21,17 @@ the record layout and the ``latents.json`` / ``uncond.npy`` files beside the sha
 ``latent_records.py``. The VAE and text encoder run in fp32; the launching process loads them once too, to
 write ``latents.json`` and ``uncond.npy`` (atomically, before the shards).
 
-Pipeline (as ``label.py``, helpers in ``jobs.py``): one work item per input shard, planned at construction,
-its output ``{prefix}-{i:05d}-of-{n:05d}.array_record``; items whose shard exists are skipped (resume: rerun
-the same command; a half-written temporary folder is not a shard); the rest are spread over workers and
-:class:`CacheShardFn` encodes each one in batches of ``--batch-size`` into a temporary folder, renamed into
+Pipeline (as ``label.py``; shard plumbing in ``shards.py``, the Beam job in ``jobs.py``): one work item per input
+shard, planned at construction, its output ``{prefix}-{i:05d}-of-{n:05d}.array_record``; items whose shard exists
+are skipped (resume: rerun the same command; a half-written temporary folder is not a shard); the rest are spread
+over workers and ``cache_shard`` encodes each one in batches of ``--batch-size`` into a temporary folder, renamed into
 place when complete. A shard that cannot be opened is one warning naming it and counts ``shards_failed``
 (no output, so a rerun tries it again); a record that does not decode (or lacks a map asked for) is one
 warning and counts ``failed``. Beam counters (namespace ``latents``): ``read`` = ``failed`` + ``written``,
 ``shards_written``, ``shards_failed``; printed with ``shards`` / ``shards_skipped`` as one JSON line.
+
+Only ``run`` (the command) imports Beam: ``LatentEncoder``, ``cache_shard`` and ``write_in_process`` (the same
+shards, encoded one after another in this process) work on a machine without it.
 """
 
 from __future__ import annotations
@@ -39,13 +42,11 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Iterator
 
-import apache_beam as beam
 import numpy as np
 
-from jointnet_jax.data import jobs, latent_records, loader, records
+from jointnet_jax.data import latent_records, loader, records, shards
 
 NAMESPACE = "latents"
 REPORTED = ("read", "failed", "written", "shards_written", "shards_failed")
@@ -213,7 +214,7 @@ def cache_shard(item: WorkItem, encoder: LatentEncoder, config: CacheConfig, cou
         log.warning("skipping shard: %s", error)
         count("shards_failed")
         return
-    with jobs.published_shard(item.out, config.prefix) as writer:
+    with shards.published_shard(item.out, config.prefix) as writer:
         for batch in _batches(_decoded(reader, config.maps, count), config.batch_size):
             for example in encoder.encode(batch):
                 writer.write(latent_records.encode_latent_example(example, config.dtype))
@@ -221,40 +222,20 @@ def cache_shard(item: WorkItem, encoder: LatentEncoder, config: CacheConfig, cou
     count("shards_written")
 
 
-class CacheShardFn(beam.DoFn):
-    """Work item -> written shard path; the encoders are loaded once per worker in ``setup``."""
+def shard_job():
+    """The latent cache as a Beam shard job (``jobs.py``): the encoders loaded once per worker, a shard each."""
+    from jointnet_jax.data import jobs
 
-    def __init__(self, config: CacheConfig):
-        self.config = config
-        self.encoder = None
-
-    def setup(self):
-        self.encoder = LatentEncoder(self.config)
-
-    def process(self, item: WorkItem):
-        start = time.perf_counter()
-        count, counts = jobs.counter(NAMESPACE)
-        cache_shard(item, self.encoder, self.config, count)
-        seconds = time.perf_counter() - start
-        log.info(
-            "shard %d/%d done: %s (%d read, %d written, %d failed; %.1f s)",
-            item.index + 1,
-            item.num_shards,
-            item.out,
-            *(counts[name] for name in ("read", "written", "failed")),
-            seconds,
-        )
-        yield item.out
+    return jobs.ShardJob("CacheShards", NAMESPACE, LatentEncoder, cache_shard, ("read", "written", "failed"))
 
 
-def build_job(pipeline: beam.Pipeline, items: list[WorkItem], config: CacheConfig) -> beam.PCollection:
-    """The cache job's transforms for ``items`` on a Beam ``pipeline``; returns the written shard paths."""
-    return (
-        pipeline
-        | "WorkItems" >> beam.Create(items)
-        | "Distribute" >> beam.Reshuffle()
-        | "CacheShards" >> beam.ParDo(CacheShardFn(config))
-    )
+def write_in_process(items: list[WorkItem], encoder: LatentEncoder, config: CacheConfig) -> dict[str, int]:
+    """Encode the items' shards one after another in this process, as the Beam job's workers do (same shards,
+    same counters), for a machine without Beam or a run too small to distribute."""
+    count, counts = shards.tally()
+    for item in items:
+        cache_shard(item, encoder, config, count)
+    return dict.fromkeys(REPORTED, 0) | dict(counts)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -268,12 +249,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--out", required=True, help="output folder (shared by all workers)")
     parser.add_argument("--model", required=True, help="base model folder or Hub id (vae/, text_encoder/, tokenizer/)")
     parser.add_argument("--prefix", default="latents", help="shard file-name prefix")
-    parser.add_argument("--resolution", type=jobs.positive, default=512, help="square training size")
-    parser.add_argument("--batch-size", type=jobs.positive, default=8)
+    parser.add_argument("--resolution", type=shards.positive, default=512, help="square training size")
+    parser.add_argument("--batch-size", type=shards.positive, default=8)
     parser.add_argument("--dtype", choices=tuple(latent_records.DTYPES), default="bf16", help="storage dtype")
     parser.add_argument("--flip", action="store_true", help="also store the horizontally flipped copy")
     parser.add_argument("--normal", action="store_true", help="also cache the normal maps (records must have them)")
-    parser.add_argument("--max-length", type=jobs.positive, default=77, help="token ids per caption")
+    parser.add_argument("--max-length", type=shards.positive, default=77, help="token ids per caption")
     return parser.parse_known_args(argv)
 
 
@@ -294,7 +275,7 @@ def run(argv: list[str] | None = None) -> dict[str, int]:
     final counts."""
     args, beam_args = parse_args(argv)
     items = plan_work_items(args.input, args.out, args.prefix)
-    todo = jobs.pending_work_items(items, args.out, args.prefix)
+    todo = shards.pending_work_items(items, args.out, args.prefix)
     log.info("%d shards planned, %d already written, %d to encode", len(items), len(items) - len(todo), len(todo))
     counts = dict.fromkeys(REPORTED, 0) | {"shards": len(items), "shards_skipped": len(items) - len(todo)}
     config = CacheConfig(
@@ -311,7 +292,9 @@ def run(argv: list[str] | None = None) -> dict[str, int]:
     os.makedirs(args.out, exist_ok=True)
     latent_records.write_cache_files(args.out, {**encoder.info(), "model": args.model}, encoder.uncond())
     if todo:
-        counts |= jobs.run_job(beam_args, lambda pipeline: build_job(pipeline, todo, config), NAMESPACE)
+        from jointnet_jax.data import jobs  # Beam
+
+        counts |= jobs.run_shard_job(beam_args, todo, shard_job(), config)
     return counts
 
 
