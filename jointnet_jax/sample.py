@@ -109,6 +109,13 @@ def _add_command(p: argparse.ArgumentParser, command: Command) -> None:
         cli.add_size_arguments(p, "the input's size, else the model's (512 for SD2.1-base)")
         p.add_argument("--num-samples", type=cli.POSITIVE_INT, default=1, help="samples per prompt")
         p.add_argument("--init-noise", help=".npy initial latents (B, h, w, 8) NHWC, RGB first, unscaled N(0,1)")
+        p.add_argument(
+            "--repeats",
+            type=cli.POSITIVE_INT,
+            default=1,
+            help="sample this many times with the same inputs and seeds (the first call compiles), printing each "
+            "call's time: warm latency from the CLI itself; the outputs are the last call's",
+        )
     p.add_argument("--modality", choices=("depth", "normal"), default="depth")
     p.add_argument("--masked-conditioning", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--out", required=True)
@@ -234,11 +241,22 @@ def run_command(args) -> list[Path]:
     start = time.perf_counter()
     pipe = Pipeline.from_pretrained(args.base, args.model, dtype=cli.jax_dtype(args.dtype), modality=args.modality)
     tiling = _tiling(args, pipe) if command.tiling else None
-    result = command.call(pipe, args, prompts, inputs, dict(init_noise=init_noise, settings=settings, tiling=tiling))
+    timings = {"load": time.perf_counter() - start, "sample": []}
+    for i in range(args.repeats):
+        t0 = time.perf_counter()
+        call = dict(init_noise=init_noise, settings=settings, tiling=tiling)
+        result = command.call(pipe, args, prompts, inputs, call)  # numpy outputs: the call has finished
+        timings["sample"].append(time.perf_counter() - t0)
+        if args.repeats > 1:
+            print(f"call {i + 1}/{args.repeats}: {timings['sample'][-1]:.3f} s", flush=True)
     batch_prompts = [p for p in prompts for _ in range(args.num_samples)]
-    record = _record(args, settings, tiling)
+    record = _record(args, settings, tiling) | {"timings_s": timings}
     written = write_outputs(Path(args.out), result, batch_prompts, record, args.modality)
-    print(f"wrote {len(written)} samples to {args.out} in {time.perf_counter() - start:.1f} s")
+    print(
+        f"wrote {len(written)} samples to {args.out} in {time.perf_counter() - start:.1f} s (loading "
+        f"{timings['load']:.1f} s; sampling, from the text encoder to the decoded images: "
+        f"{timings['sample'][-1]:.3f} s{' on the last call' if args.repeats > 1 else ''})"
+    )
     return written
 
 

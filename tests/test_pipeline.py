@@ -252,7 +252,7 @@ def test_cli_writes_outputs_and_is_reproducible(base, official, tmp_path):
     args = ["generate", "--base", str(base), "--model", str(official / "rgbd_finetune"), "--prompt", "a cat"]
     args += ["--prompt", "a dog", "--steps", "2", "--height", str(SIZE), "--width", str(SIZE)]
     assert sample.main([*args, "--seed", "7", "--out", str(tmp_path / "a")]) == 0
-    assert sample.main([*args, "--seed", "7", "--out", str(tmp_path / "b")]) == 0
+    assert sample.main([*args, "--seed", "7", "--repeats", "2", "--out", str(tmp_path / "b")]) == 0
     assert sample.main([*args, "--seed", "8", "--out", str(tmp_path / "c")]) == 0
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
     expected = [
@@ -266,6 +266,9 @@ def test_cli_writes_outputs_and_is_reproducible(base, official, tmp_path):
     assert (tmp_path / "a" / "0000_rgb.png").read_bytes() != (tmp_path / "c" / "0000_rgb.png").read_bytes()
     meta = json.loads((tmp_path / "a" / "0001.json").read_text())
     assert meta["prompt"] == "a dog" and meta["settings"]["seed"] == 7 and meta["settings"]["steps"] == 2
+    repeated = json.loads((tmp_path / "b" / "0001.json").read_text())["timings_s"]  # --repeats 2: the same outputs
+    assert len(meta["timings_s"]["sample"]) == 1 and len(repeated["sample"]) == 2
+    assert all(t > 0 for t in repeated["sample"]) and repeated["load"] > 0
     arrays = np.load(tmp_path / "a" / "0000.npz")
     assert arrays["rgb"].shape == (SIZE, SIZE, 3) and arrays["depth"].shape == (SIZE, SIZE)
     assert arrays["depth"].dtype == np.float32 and 0 <= arrays["depth"].min() <= arrays["depth"].max() <= 1
