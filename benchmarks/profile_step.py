@@ -65,6 +65,26 @@ def thunk_times(trace_dir: Path) -> dict[str, float]:
     return dict(totals.most_common())
 
 
+def top_ops(trace_dir: Path, n: int = 15) -> list[tuple[str, float]]:
+    """The ``n`` op names with the most seconds in the newest perfetto trace under ``trace_dir``: on a GPU or
+    TPU the events of its device processes (kernels and XLA ops by name, per stream), on the CPU the XLA
+    runtime's HLO events."""
+    trace = max(trace_dir.rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    events = json.loads(gzip.decompress(trace.read_bytes()))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    names = {
+        e["pid"]: e["args"].get("name", "") for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
+    devices = {pid for pid, name in names.items() if "GPU" in name or "TPU" in name}
+    totals = collections.Counter()
+    for e in events:
+        if e.get("ph") != "X" or "dur" not in e:
+            continue
+        if (e.get("pid") in devices) if devices else _is_hlo(e.get("name", "")):
+            totals[e.get("name", "")] += e["dur"] / 1e6
+    return [(name, round(seconds, 5)) for name, seconds in totals.most_common(n)]
+
+
 def _is_hlo(name: str) -> bool:
     """HLO instruction events are named ``<op>.<number>`` (``fusion.12``, ``convolution.3``)."""
     parts = name.rsplit(".", 1)

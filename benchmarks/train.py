@@ -9,10 +9,8 @@ JAX: ``Trainer(config, workdir)`` (stage 1: RGB branch frozen; dense branch + al
 AdamW, grad clip 1.0, VAE encode + text encoder inside the step), then ``trainer.compiled_step(batch)``
 (its compile time is reported separately, and its XLA cost analysis gives ``trainer.flops``), one warm-up
 step, then ``--steps`` timed steps on one batch from the trainer's own input pipeline (data loading is
-excluded). If ``grain``/``array_record`` cannot be imported (the Trainer needs them for data and checkpoints),
-the same train step is rebuilt from the library's pieces (``split_trainable``, ``make_optimizer``,
-``joint_loss``) and fed a synthetic in-memory batch of the pipeline's format; the record says
-``"path": "fallback"``.
+excluded). A machine without grain, array_record or tfds gets them from a wheelhouse
+(``benchmarks/gpu_wheelhouse.sh``): there is no other path.
 
 PyTorch proxy (``torch_twin_step``): two diffusers ``UNet2DConditionModel``s loaded from the same base
 folder, wired exactly like JointNet (each down path gets the other branch's noisy latent through a zero 3x3
@@ -38,7 +36,10 @@ memory-optimised instruction scheduler. The default (concurrency-optimised) one 
 computation, e.g. the reversed and transposed conv kernels of the backward pass, to the start of the step, so
 they are all alive at once (8.3 GB of temporaries for the SD2.1 stage-1 step at 64², 3.3 GB with the flag).
 
-MFU = trainer.flops / step time / the device's dense bf16 peak (``metrics.device_peak_flops``; none on CPU).
+MFU, two ways, against the device's dense bf16 peak (``metrics.device_peak_flops``; none on CPU): ``mfu``
+from XLA's cost analysis (``trainer.flops``), which on a GPU leaves out the convolutions handed to cuDNN, and
+``mfu_analytic`` from ``trainer.model_flops`` (``training/flops.py``: the step's dots and convolutions counted
+from its jaxpr, without remat's recompute), the figure to compare with published MFUs.
 """
 
 from __future__ import annotations
@@ -137,31 +138,7 @@ def base_folder(args) -> Path:
     return write_sd21_base(args.base_dir)
 
 
-def _stub_ml_collections() -> None:
-    """A stand-in for ``ml_collections.ConfigDict`` (attribute access over a dict: all configs/ needs), for a
-    machine without ml_collections; the config values still come from the project's own configs/."""
-    import types
-
-    class ConfigDict(dict):
-        def __getattr__(self, key):
-            try:
-                return self[key]
-            except KeyError as error:
-                raise AttributeError(key) from error
-
-        __setattr__ = dict.__setitem__
-
-        def to_dict(self):
-            return dict(self)
-
-    sys.modules["ml_collections"] = types.SimpleNamespace(ConfigDict=ConfigDict)
-
-
 def train_config(args):
-    try:
-        import ml_collections  # noqa: F401
-    except ImportError:
-        _stub_ml_collections()
     from configs.sd21_depth import get_config
 
     c = get_config("tiny")  # CPU-friendly data/checkpoint settings; the base decides the model size
@@ -178,69 +155,24 @@ def train_config(args):
     return c
 
 
+def write_latent_cache(args, work: Path) -> Path:
+    """Synthetic labelled records at ``--resolution`` encoded by the base's VAE and text encoder into a latent
+    cache (``data.latents``: the shards the ``jointnet-cache-latents`` job writes, encoded in this process, so
+    no Beam is needed)."""
+    from jointnet_jax.data import latent_records, latents, records, synthetic
+
+    size, num, out = args.resolution, max(4, args.batch), work / "cache"
+    records.write_shards((synthetic.make_example(i, size) for i in range(num)), work / "records", "bench", num_shards=1)
+    config = latents.CacheConfig(str(args.base_dir), size, min(8, num), "bf16", flip=True)
+    encoder = latents.LatentEncoder(config)
+    out.mkdir(parents=True, exist_ok=True)
+    latent_records.write_cache_files(str(out), encoder.info(), encoder.uncond())
+    latents.write_in_process(latents.plan_work_items([str(work / "records")], str(out), config.prefix), encoder, config)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------
 # JAX child
-
-
-def fallback_step(config):
-    """The Trainer's stage-1 step rebuilt without grain/array_record (single device, donated state)."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from flax import nnx
-
-    from jointnet_jax.diffusion.schedule import load_schedule
-    from jointnet_jax.models.jointnet import JointNet
-    from jointnet_jax.models.loading import load_text_encoder, load_tokenizer, load_unet, load_vae
-    from jointnet_jax.training.metrics import compiled_flops, compiled_memory
-    from jointnet_jax.training.objective import LossSettings, joint_loss
-    from jointnet_jax.training.optimizer import make_optimizer
-    from jointnet_jax.training.partition import split_trainable
-
-    base, dtype = Path(config.base), {"fp32": jnp.float32, "bf16": jnp.bfloat16}[config.compute_dtype]
-    jn = JointNet.from_unet(load_unet(base / "unet", dtype=dtype))
-    jn.set_remat(config.remat)
-    graphdef, params, frozen = split_trainable(jn, config.stage)
-    vae_def, vae_state = nnx.split(load_vae(base / "vae", dtype=dtype))
-    text_def, text_state = nnx.split(load_text_encoder(base / "text_encoder", dtype=dtype))
-    tokenizer, schedule = load_tokenizer(base / "tokenizer"), load_schedule(base / "scheduler")
-    tx, _ = make_optimizer(config)
-    settings = LossSettings(config.modality, config.text_drop, config.noise_offset, config.stage == 3)
-
-    def ids(texts):
-        out = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="np")
-        return jnp.asarray(out.input_ids, jnp.int32)
-
-    uncond = nnx.merge(text_def, text_state)(ids([""]))
-
-    def train_step(state, frozen, vae_state, text_state, uncond, batch):
-        step, params, opt_state = state
-        key = jax.random.fold_in(jax.random.key(config.seed), step)
-        vae, text_encoder = nnx.merge(vae_def, vae_state), nnx.merge(text_def, text_state)
-
-        def loss_of(p):
-            model = nnx.merge(graphdef, p, frozen)
-            return joint_loss(model, vae, text_encoder, schedule, uncond, batch, key, settings)
-
-        (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = jax.tree.map(lambda p, u: p + u.astype(p.dtype), params, updates)
-        return (step + 1, params, opt_state), dict(metrics, loss=loss)
-
-    b, r = config.batch_size, config.data.resolution
-    rng = np.random.default_rng(0)
-    batch = dict(
-        image=jnp.asarray(rng.uniform(-1, 1, (b, r, r, 3)).astype(np.float32)),  # Loader._collate's format
-        depth=jnp.asarray(np.repeat(rng.uniform(-1, 1, (b, r, r, 1)), 3, -1).astype(np.float32)),
-        index=jnp.arange(b, dtype=jnp.int32),
-        input_ids=ids(["a red sphere"] * b),
-    )
-    state = (jnp.int32(0), params, jax.jit(tx.init)(params))
-    args = (state, frozen, vae_state, text_state, uncond, batch)
-    t0 = time.perf_counter()
-    compiled = jax.jit(train_step, donate_argnums=(0,)).lower(*args).compile()
-    compile_s = time.perf_counter() - t0
-    return compiled, state, args[1:], compiled_flops(compiled), compiled_memory(compiled), compile_s
 
 
 def part_jax(args) -> None:
@@ -262,45 +194,38 @@ def part_jax(args) -> None:
         from jointnet_jax.models import conv
 
         conv.DOT_BACKWARD_MIN_CHANNELS = 1 << 30
-    config = train_config(args)
-    t0 = time.perf_counter()
-    try:
-        from jointnet_jax.training.trainer import Trainer
+    config, work = train_config(args), Path(tempfile.mkdtemp(prefix="bench_train_"))
+    from jointnet_jax.training.trainer import Trainer
 
-        path = "trainer"
-    except ImportError as error:  # grain / array_record missing on this machine
-        path, reason = "fallback", repr(error)
-    if path == "trainer":
-        trainer = Trainer(config, tempfile.mkdtemp(prefix="bench_train_"))
-        batch = trainer._global_batch(next(trainer.data))
-        init_s = time.perf_counter() - t0
+    cache_s = None
+    if args.latents == "on":
         t0 = time.perf_counter()
-        step_fn = trainer.compiled_step(batch)
-        compile_s, flops, memory = time.perf_counter() - t0, trainer.flops, trainer.step_memory
-        state, rest = trainer.state, (trainer.frozen, trainer.vae_state, trainer.text_state, trainer.uncond, batch)
-    else:
-        step_fn, state, rest, flops, memory, compile_s = fallback_step(config)
-        init_s = time.perf_counter() - t0 - compile_s
+        config.data.paths, config.data.latents = str(write_latent_cache(args, work)), True
+        cache_s = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    trainer = Trainer(config, work / "workdir")
+    batch = trainer._global_batch(next(trainer.data))
+    init_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    step_fn = trainer.compiled_step(batch)
+    compile_s, flops, memory = time.perf_counter() - t0, trainer.flops, trainer.step_memory
+    state, *rest = trainer._args(trainer.state, batch)  # no encoder states when it reads a latent cache
     rss_init = rss_bytes()
-    rec = dict(part="train", impl="jax", path=path, **common_fields(args), init_s=round(init_s, 1))
+    rec = dict(part="train", impl="jax", **common_fields(args), latents=args.latents, init_s=round(init_s, 1))
+    if cache_s is not None:
+        rec["cache_s"] = cache_s
     rec.update(compile_s=round(compile_s, 1), rss_after_compile_gb=round(rss_init / 1e9, 2))
     if memory:
         rec.update(argument_gb=round(memory["argument_bytes"] / 1e9, 3), temp_gb=round(memory["temp_bytes"] / 1e9, 3))
-    if path == "fallback":
-        rec["fallback_reason"] = reason
     free_gb = mem_available_gb()
     if args.device == "cpu" and memory and memory["temp_bytes"] > free_gb * 1e9:
         report(dict(rec, skipped=f"the step needs {rec['temp_gb']} GB of temporaries, {free_gb:.1f} GB free"))
         return
-    times, losses = [], []
-    for i in range(args.steps + 1):  # the first call is a warm-up
-        t0 = time.perf_counter()
-        state, metrics = step_fn(state, *rest)
-        losses.append(float(metrics["loss"]))
-        if i:
-            times.append(time.perf_counter() - t0)
+    state, times, losses = timed_steps(step_fn, state, rest, args.steps)
     step_s = float(np.median(times))
-    peak = device_peak_flops()
+    if args.profile:
+        rec.update(profiled_step(step_fn, state, rest, work / "trace"))
+    peak, model_flops = device_peak_flops(), trainer.model_flops(batch)
     rec.update(
         step_s=round(step_s, 3),
         all_s=[round(x, 3) for x in times],
@@ -308,6 +233,8 @@ def part_jax(args) -> None:
         tflops_per_step=flops and round(flops / 1e12, 3),
         achieved_tflops=flops and round(flops / step_s / 1e12, 2),
         mfu=(flops and peak) and round(flops / step_s / peak, 4),
+        analytic_tflops_per_step=round(model_flops / 1e12, 3),
+        mfu_analytic=peak and round(model_flops / step_s / peak, 4),
         finite=bool(np.isfinite(losses).all()),
         peak_rss_gb=round(peak_rss_bytes() / 1e9, 2),
         backend=jax.default_backend(),
@@ -317,6 +244,30 @@ def part_jax(args) -> None:
         stats = jax.local_devices()[0].memory_stats() or {}
         rec.update(peak_device_gb=round(stats.get("peak_bytes_in_use", 0) / 1e9, 2), gpu=jax.devices()[0].device_kind)
     report(rec)
+
+
+def timed_steps(step_fn, state, rest, steps: int):
+    """(the last state, the seconds of each of ``steps`` steps after one warm-up, every loss). The state
+    argument is donated: use the returned one."""
+    times, losses = [], []
+    for i in range(steps + 1):  # the first call is a warm-up
+        t0 = time.perf_counter()
+        state, metrics = step_fn(state, *rest)
+        losses.append(float(metrics["loss"]))
+        if i:
+            times.append(time.perf_counter() - t0)
+    return state, times, losses
+
+
+def profiled_step(step_fn, state, rest, trace_dir: Path) -> dict:
+    """One more step under ``jax.profiler``: the top ops by time and the time per HLO kind."""
+    import jax
+    from profile_step import thunk_times, top_ops
+
+    with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+        state, metrics = step_fn(state, *rest)
+        jax.block_until_ready(metrics)
+    return {"top_ops": top_ops(trace_dir), "hlo_kinds_s": {k: round(v, 4) for k, v in thunk_times(trace_dir).items()}}
 
 
 def common_fields(args) -> dict:
@@ -476,18 +427,22 @@ def mem_available_gb() -> float:
 
 def table(records: list[dict]) -> str:
     lines = [
-        "| config, resolution, batch, remat, dtype, device | impl | XLA flags, conv backward | step (s) | examples/s "
-        "| compile (s) | TFLOP/step | MFU | XLA temp (GB) | peak RSS (GB) | peak device (GB) | load |",
+        "| config, resolution, batch, remat, latent cache, dtype, device | impl | XLA flags, conv backward "
+        "| step (s) | examples/s "
+        "| compile (s) | TFLOP/step: XLA, analytic | MFU: XLA, analytic | XLA temp (GB) | peak RSS (GB) "
+        "| peak device (GB) | load |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in (r for r in records if r.get("part") == "train" and ("step_s" in r or "temp_gb" in r)):
-        impl = r["impl"] + (" (fallback)" if r.get("path") == "fallback" else "")
+        impl = r["impl"]
         flags = f"{r['xla_flags']}, {r.get('conv_backward', 'xla')}" if r["impl"] == "jax" else "-"
         step = r.get("step_s", "not run: " + r.get("skipped", ""))
         lines.append(
-            f"| {r['config']}, {r['resolution']}², {r['batch']}, {r['remat']}, {r['dtype']}, {r['device']} | {impl} "
+            f"| {r['config']}, {r['resolution']}², {r['batch']}, {r['remat']}, {r.get('latents', 'off')}, "
+            f"{r['dtype']}, {r['device']} | {impl} "
             f"| {flags} | {step} | {r.get('examples_per_s', '-')} | {r.get('compile_s', '-')} "
-            f"| {r.get('tflops_per_step') or '-'} | {r.get('mfu') or '-'} | {r.get('temp_gb', '-')} "
+            f"| {r.get('tflops_per_step') or '-'}, {r.get('analytic_tflops_per_step') or '-'} "
+            f"| {r.get('mfu') or '-'}, {r.get('mfu_analytic') or '-'} | {r.get('temp_gb', '-')} "
             f"| {r.get('peak_rss_gb', '-')} | {r.get('peak_device_gb', '-')} | {r['load']} |"
         )
     return "\n".join(lines)
@@ -497,9 +452,16 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", choices=["tiny", "sd21"], nargs="+", default=["tiny"])
     p.add_argument("--resolution", type=int, default=None, help="image side (default: tiny 32, sd21 128)")
-    p.add_argument("--batch", type=int, default=None, help="global batch (default: tiny 8, sd21 1)")
+    p.add_argument("--batch", type=int, nargs="+", default=None, help="global batches (default: tiny 8, sd21 1)")
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     p.add_argument("--remat", choices=["off", "on"], nargs="+", default=["off", "on"])
+    p.add_argument(
+        "--latents",
+        choices=["off", "on"],
+        nargs="+",
+        default=["off"],
+        help="JAX: encode in the step (off) or train from a latent cache written first (on), one run each",
+    )
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype (weights stay fp32)")
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
@@ -526,12 +488,14 @@ def main(argv=None) -> None:
         help="JAX conv backward: the project's (models/conv.py) or XLA's own for every conv, one run each",
     )
     p.add_argument("--force", action="store_true", help="run even if MemAvailable looks too small")
+    p.add_argument("--profile", action="store_true", help="JAX: trace one more step and report the top ops")
     p.add_argument("--part", choices=["jax", "torch"], help=argparse.SUPPRESS)
     add_cpu_options_arg(p)
     args = p.parse_args(argv)
     apply_cpu_options(args)
     if args.part:
         args.config, args.remat, args.xla_flags = args.config[0], args.remat[0], args.xla_flags[0]
+        args.latents, args.batch = args.latents[0], args.batch[0]
         args.conv_backward = args.conv_backward[0]
         {"jax": part_jax, "torch": part_torch}[args.part](args)
         return
@@ -540,7 +504,7 @@ def main(argv=None) -> None:
     t_start, records = time.perf_counter(), []
     for config in args.config:
         res = args.resolution or {"tiny": 32, "sd21": 128}[config]
-        batch = args.batch or {"tiny": 8, "sd21": 1}[config]
+        batches = args.batch or [{"tiny": 8, "sd21": 1}[config]]
         base = args.base_dir or Path(tempfile.gettempdir()) / f"jointnet_bench_base_{config}"
         need, have = memory_needed_gb(config), mem_available_gb()
         if need > have and not args.force:
@@ -557,13 +521,13 @@ def main(argv=None) -> None:
 
         subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)  # writer's memory stays out
         emit(dict(part="base", config=config, path=str(base), seconds=round(time.perf_counter() - t0, 1)))
-        for remat in args.remat:  # JAX and torch alternate, one subprocess each
+        for batch, remat in itertools.product(batches, args.remat):  # JAX and torch alternate, a subprocess each
             child = ["--config", config, "--resolution", str(res), "--batch", str(batch), "--steps", str(args.steps)]
             child += ["--remat", remat, "--dtype", args.dtype, "--device", args.device, "--base-dir", str(base)]
-            child += ["--threads", str(args.threads), "--attention", args.attention]
-            for name, conv in itertools.product(args.xla_flags, args.conv_backward):
+            child += ["--threads", str(args.threads), "--attention", args.attention] + ["--profile"] * args.profile
+            for name, conv, cached in itertools.product(args.xla_flags, args.conv_backward, args.latents):
                 env = {"XLA_FLAGS": " ".join([os.environ.get("XLA_FLAGS", ""), FLAG_SETS[name]]).strip()}
-                jax_child = child + ["--xla-flags", name, "--conv-backward", conv, "--part", "jax"]
+                jax_child = child + ["--xla-flags", name, "--conv-backward", conv, "--latents", cached, "--part", "jax"]
                 records += run_child(__file__, jax_child, env=env)
             if not args.skip_torch:
                 records += run_child(__file__, child + ["--part", "torch"])

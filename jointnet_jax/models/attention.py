@@ -11,6 +11,9 @@ Logits, softmax statistics and the output accumulator are always float32.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -22,6 +25,21 @@ _CPU_Q_BLOCK = 512
 _CPU_K_BLOCK = 512
 # Below this many logits per (batch*head) group a single query block is used.
 _CPU_MIN_Q_CHUNK_LOGITS = 1 << 20
+# What ``impl="auto"`` resolves to inside ``auto_as`` (None: the backend's choice).
+_AUTO = contextvars.ContextVar("jointnet_attention_auto", default=None)
+
+
+@contextlib.contextmanager
+def auto_as(impl: str):
+    """Within it, ``impl="auto"`` resolves to ``impl`` when programs are traced. ``training/flops.py`` counts
+    dots and convolutions, and cuDNN's fused attention is one opaque call to it: the trainer traces the step
+    it counts with ``auto_as("xla")``, whose attention is plain dots of the same FLOPs. It acts when a
+    function is traced: one that jax has already traced for the same shapes keeps its cached program."""
+    token = _AUTO.set(impl)
+    try:
+        yield
+    finally:
+        _AUTO.reset(token)
 
 
 def _reference_attention(q, k, v, scale, upcast):
@@ -126,6 +144,8 @@ def dot_product_attention(q, k, v, *, upcast=False, impl="auto"):
     einsum form.
     """
     scale = q.shape[-1] ** -0.5
+    if impl == "auto" and _AUTO.get() is not None:
+        impl = _AUTO.get()
     if impl == "auto":
         backend = jax.default_backend()
         if backend == "cpu":

@@ -1,4 +1,5 @@
-"""The JointNet training loss (paper Eq. 1): eps-MSE of both branches at one shared timestep.
+"""The JointNet training loss (paper Eq. 1): eps-MSE of both branches at one shared timestep (and, for
+evaluation, the RGB loss of the model's RGB marginal: ``LossSettings.marginal``).
 
 Randomness is drawn per example from ``fold_in(step_key, record index)``, so a batch's loss does not
 depend on how the global batch is laid out over hosts and devices (one process x 8 devices gives the
@@ -23,6 +24,9 @@ class LossSettings:
     text_drop: float = 0.15
     noise_offset: float = 0.05
     masks: bool = False  # stage 3: per-example inpainting masks as masked-latent conditioning
+    # Evaluation: also ``loss_rgb_marginal``, the RGB loss with the dense input replaced by its pure noise (it
+    # carries no information about the scene, as at the last timestep), i.e. the model's RGB marginal.
+    marginal: bool = False
 
 
 def _per_example_keys(key, index, n):
@@ -101,4 +105,8 @@ def _diffusion_loss(model, schedule: NoiseSchedule, x0: list, text, uncond, batc
 
     preds = denoise_branches(model, x_t, t, text, conds)
     losses = [mse(p, x, e) for p, x, e in zip(preds, x0, eps, strict=True)]
-    return sum(losses), dict(zip(("loss_rgb", "loss_dense")[: len(losses)], losses, strict=True))
+    metrics = dict(zip(("loss_rgb", "loss_dense")[: len(losses)], losses, strict=True))
+    if s.marginal:  # one branch: the base model, whose RGB loss is its marginal
+        marginal = preds if len(x_t) == 1 else denoise_branches(model, [x_t[0], eps[1]], t, text, conds)
+        metrics["loss_rgb_marginal"] = mse(marginal[0], x0[0], eps[0])
+    return sum(losses), metrics

@@ -25,12 +25,13 @@ from flax import nnx
 
 from jointnet_jax import sharding as sh
 from jointnet_jax.data.loader import LatentLoader, Loader, make_global_batch
-from jointnet_jax.models import functional
+from jointnet_jax.models import attention, functional
 from jointnet_jax.models.jointnet import JointNet
 from jointnet_jax.training import checkpoints
 from jointnet_jax.training.compile import compile_step
 from jointnet_jax.training.datasets import loader_configs
 from jointnet_jax.training.export import export_model, sample_grid, write_sample_grid
+from jointnet_jax.training.flops import count_flops
 from jointnet_jax.training.lock import WorkdirBusy, WorkdirLock
 from jointnet_jax.training.metrics import (
     Writer,
@@ -139,6 +140,7 @@ class Trainer:
             donate_argnums=(0,),
         )
         self._compiled, self.flops, self.step_memory, self._eval_fn = None, None, None, None
+        self._model_flops = None
 
     def _hold(self) -> None:
         """Take the workdir: SIGTERM now asks for a stop at the next safe point (after the current step's
@@ -256,13 +258,34 @@ class Trainer:
                 )
         return self._compiled
 
+    def model_flops(self, batch) -> float:
+        """Model FLOPs of one train step per device, the numerator of MFU: the analytic count of
+        ``training/flops.py`` (the step's matrix work, traced with remat off so that its recompute is not
+        counted, as PaLM's MFU defines it, and with attention as plain dots) over the devices. Unlike XLA's
+        count (``self.flops``), it includes the convolutions a GPU hands to cuDNN. Traced once, nothing is
+        compiled."""
+        if self._model_flops is None:
+            model = nnx.merge(self.models.graphdef, self.state.params, self.frozen)
+            model.set_remat(False)
+            models = dataclasses.replace(self.models, graphdef=nnx.split(model)[0])
+            c = self.config
+            step = make_train_step(
+                make_loss(models, self.loss_settings, self.cached), self.tx, self.lr_schedule, c.seed
+            )
+            shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._args(self.state, batch))
+            with attention.auto_as("xla"):  # cuDNN attention would be one uncounted call
+                self._model_flops = count_flops(step, *shapes) / jax.device_count()
+        return self._model_flops
+
     def evaluate(self) -> dict:
-        """Mean losses over the whole held-out set (``eval_loss_rgb``, ``eval_loss_dense``, ``eval_loss``), with
-        no text drop and the fixed noise and timesteps of ``eval_seed``."""
+        """Mean losses over the whole held-out set (``eval_loss_rgb``, ``eval_loss_dense``, ``eval_loss`` their
+        sum, and ``eval_loss_rgb_marginal``: the RGB loss with an uninformative dense input, see
+        ``LossSettings.marginal``), with no text drop and the fixed noise and timesteps of ``eval_seed``."""
         if self.eval_data_config is None:
             raise ValueError("evaluation needs config.eval_every > 0 (and data.eval_paths or synthetic_eval_num)")
         if self._eval_fn is None:
-            loss = make_loss(self.models, dataclasses.replace(self.loss_settings, text_drop=0.0), self.cached)
+            settings = dataclasses.replace(self.loss_settings, text_drop=0.0, marginal=True)
+            loss = make_loss(self.models, settings, self.cached)
             in_shardings = self._in_shardings(self._shardings(self.state.params))
             self._eval_fn = functional.jit(
                 make_eval_step(loss, self.config.eval_seed),
@@ -281,7 +304,7 @@ class Trainer:
         if not count:
             raise ValueError(f"the eval set {self.eval_data_config.paths} has no valid records")
         out = {f"eval_{k}": v / count for k, v in sums.items()}
-        out["eval_loss"] = sum(out.values())
+        out["eval_loss"] = sum(v for k, v in out.items() if k in ("eval_loss_rgb", "eval_loss_dense"))
         return out
 
     # -----------------------------------------------------------------------------------------------
@@ -350,8 +373,8 @@ class Trainer:
         dt = time.perf_counter() - t0
         metrics.update(step=step, step_time=dt, examples_per_s=c.batch_size / dt)
         peak = device_peak_flops()
-        if peak and self.flops:  # cost analysis counts one device's program
-            metrics["mfu"] = self.flops / dt / peak
+        if peak:  # a known accelerator (none on the CPU)
+            metrics["mfu"] = self.model_flops(batch) / dt / peak
         if c.eval_every and (step % c.eval_every == 0 or step == end):  # the final model too
             metrics.update(self._record_eval(step, writer))
         if step % c.log_every == 0:
