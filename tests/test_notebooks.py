@@ -174,15 +174,28 @@ def test_notebook_executes_at_tiny_size(name, tmp_path, kernel_dirs, request):
 
 def _check_demo_report(m: dict):
     """The demo's own bookkeeping, at tiny size: output preservation is exact at step 0 for both JointNet and
-    Direct Extend (same held-out batch, noise and timesteps as the base model's evaluation), the frozen RGB
-    branch barely moves, and the depth scores and targets are reported."""
+    Direct Extend (same held-out batch, noise and timesteps as the base model's evaluation), for JointNet in
+    joint denoising and in its RGB marginal (dense input of pure noise) alike; the same-seed samples of both are
+    the base's at step 0 (distance 0), and Direct Extend's have moved by the end; the depth scores and every target's check
+    are reported."""
     base = m["base_eval_loss_rgb"]
     assert m["jointnet_eval_history"][0]["eval_loss_rgb"] == base
+    assert m["jointnet_eval_history"][0]["eval_loss_rgb_marginal"] == base
     assert m["direct_extend_eval_history"][0]["eval_loss_rgb"] == base
     assert m["jointnet_rgb_rel_change"][0] == 0.0 and len(m["jointnet_rgb_rel_change"]) >= 2
+    assert m["jointnet_rgb_marginal_rel_change"][0] == 0.0
+    assert [p["step"] for p in m["jointnet_same_seed"]] == [0, 2, 4]  # probe_every 2 of the tiny config's 4 steps
+    # Both start as the base (Direct Extend's added input channels are zero too), and training moves both.
+    assert [p["step"] for p in m["direct_extend_same_seed"]] == [0, 2, 4]
+    assert m["jointnet_same_seed"][0]["distance"] == m["direct_extend_same_seed"][0]["distance"] == 0.0
+    assert m["direct_extend_same_seed"][-1]["distance"] > 0.0
+    assert m["base_seed_to_seed_distance"] > 0
     for key in ("absrel", "rmse_disp", "delta1", "constant_absrel"):
         assert 0.0 <= m["image_to_depth"][key] < float("inf")
     assert set(m["met"]) == set(m["targets"]) == set(m["checks"])
+    for name, c in m["checks"].items():
+        assert set(c) == {"value", "rule", "threshold", "met", "what"} and c["met"] == m["met"][name], name
+    assert set(m["steps_per_s"]) <= {"base", "jointnet", "direct_extend"}
 
 
 def _python_source(cell_source: str) -> str:

@@ -37,8 +37,13 @@ def default_config(arg: str = ""):
             "joint_steps": 200,  # stage 1 and Direct Extend each
             "joint_lr": 3e-4,
             "warmup_steps": 20,
-            "num_scenes": 16,  # held-out scenes for image->depth and joint generation
+            "num_scenes": 32,  # held-out scenes for image->depth
+            "probe_scenes": 8,  # the first held-out captions: the same-seed probe and the report's grids
+            "probe_every": 100,  # stage-1 steps between same-seed probes (and one at step 0 and at the end)
             "sample_steps": 25,
+            # image -> depth samples per scene, merged as for photos (Pipeline.depth(ensemble=K)); K chosen on
+            # the validation scenes after the held-out ones (benchmarks/ensemble.py, RESULTS.md)
+            "ensemble": 4,
             "cfg": 3.0,
             "seed": 0,
         }
@@ -50,6 +55,7 @@ def default_config(arg: str = ""):
         c.batch_size = 8
         c.eval_every = 3  # not a divisor of the steps: the final evaluation must still happen
         c.demo.update(base_steps=4, joint_steps=4, num_scenes=2, sample_steps=2, warmup_steps=1)
+        c.demo.update(probe_scenes=2, probe_every=2, ensemble=2)
     elif arg:
         raise ValueError(f"unknown demo config argument {arg!r}; use '' or 'tiny'")
     return c
