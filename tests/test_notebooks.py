@@ -175,9 +175,9 @@ def test_notebook_executes_at_tiny_size(name, tmp_path, kernel_dirs, request):
 def _check_demo_report(m: dict):
     """The demo's own bookkeeping, at tiny size: output preservation is exact at step 0 for both JointNet and
     Direct Extend (same held-out batch, noise and timesteps as the base model's evaluation), for JointNet in
-    joint denoising and in its RGB marginal (dense input of pure noise) alike; the same-seed samples of both are
-    the base's at step 0 (distance 0), and Direct Extend's have moved by the end; the depth scores and every target's check
-    are reported."""
+    joint denoising and in its RGB marginal (dense input of pure noise) alike; the same-seed samples of both
+    are the base's at step 0 (distance 0), and Direct Extend's have moved by the end; the depth scores and
+    every target's check are reported."""
     base = m["base_eval_loss_rgb"]
     assert m["jointnet_eval_history"][0]["eval_loss_rgb"] == base
     assert m["jointnet_eval_history"][0]["eval_loss_rgb_marginal"] == base
