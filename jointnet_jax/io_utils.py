@@ -45,16 +45,22 @@ _TURBO_ANCHORS = np.array(
 )
 
 
+_UMASK = os.umask(0)  # read once (os.umask can only read by setting it) and restored at once
+os.umask(_UMASK)
+
+
 def atomic_write(path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it into place.
 
-    The temporary file lives in the same folder so :func:`os.replace` is a same-filesystem atomic rename.
+    The temporary file lives in the same folder so :func:`os.replace` is a same-filesystem atomic rename. It
+    gets the permissions a plain ``open(path, "w")`` would give (``mkstemp`` makes it owner-only).
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -185,3 +185,11 @@ def test_palette_cmyk_webp_and_tiff_are_read_as_rgb(tmp_path):
     )
     for name in ("w.webp", "t.tiff"):
         np.testing.assert_array_equal(io_utils.read_image(tmp_path / name), (rgb / 255).astype(np.float32))
+
+
+def test_atomic_write_gives_the_permissions_of_a_plain_write(tmp_path):
+    """Outputs are as readable as ``open(path, "w")`` makes them, not owner-only like ``mkstemp``'s file."""
+    (tmp_path / "plain.json").write_text("{}")
+    io_utils.write_json(tmp_path / "atomic.json", {})
+    mode = lambda name: (tmp_path / name).stat().st_mode & 0o777  # noqa: E731
+    assert mode("atomic.json") == mode("plain.json")
