@@ -9,9 +9,11 @@ scale it is judged on is the base model's own seed-to-seed distance (its samples
 from ``seed + 1``, captions alike), i.e. the distance of unrelated samples of the same captions.
 
 At step 0 JointNet's RGB branch is the base UNet and every exchange layer is zero, and the twin draws the same
-RGB noise as the base for a seed, so its distance is exactly 0; Direct Extend's widened layers start the base's
-output off at once. The curve of each phase is kept in its workdir (``probe.json``), so a resumed phase keeps
-the points measured before it was stopped.
+RGB noise as the base for a seed, so its distance is exactly 0; so is Direct Extend's, whose added input and
+output channels start at zero (tested). What the probe shows is how far each moves in training: JointNet's RGB
+branch is frozen but, in joint generation, reads the dense branch through the trained exchange layers, and
+Direct Extend trains the shared weights themselves. The curve of each phase is kept in its workdir
+(``probe.json``), so a resumed phase keeps the points measured before it was stopped.
 """
 
 from __future__ import annotations
